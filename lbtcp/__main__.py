@@ -1,0 +1,3 @@
+from lbtcp.cli import main
+
+main()
