@@ -1,0 +1,625 @@
+"""The config file: TOML in, frozen dataclasses out.
+
+Theory of operation: ``load_config(path)`` reads the file and ``parse_config(data)`` walks the
+table with a small ``_Reader`` per table. Every problem is recorded with its key path
+(``pools.app.servers[1].address``) instead of raised, so that one run reports every error at
+once, as ``haproxy -c`` and ``nginx -t`` do. Unknown keys are errors: a typo must never pass
+silently. All durations become float seconds; all byte strings become ``bytes``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lbtcp.addresses import AddressError, Endpoint, parse_cidr, parse_endpoint
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on old Pythons
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+NO_HEALTHY_MODES = ("close", "reset", "banner")
+PROXY_IN_MODES = ("off", "v1", "v2", "any")
+PROXY_OUT_MODES = ("off", "v1", "v2")
+LOG_FORMATS = ("text", "json")
+ON_SERVER_DOWN = ("keep", "close")
+HASH_KEYS = ("source_ip", "source_ip_port")
+FAMILIES = ("ipv4", "ipv6", "any")
+INITIAL_STATES = ("unknown", "healthy")
+MAX_WEIGHT = 256
+
+
+class ConfigError(Exception):
+    """One or more problems in a config; ``errors`` lists them as ``path: message``."""
+
+    def __init__(self, errors: list[str], source: str = "") -> None:
+        self.errors = errors
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + ("; ".join(errors) if errors else "invalid config"))
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    workers: int = 1
+    log_format: str = "text"
+    access_log: bool = True
+    drain_timeout: float = 30.0
+    user: str = ""
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: Endpoint
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class ResolverConfig:
+    nameservers: tuple[str, ...] = ()
+    timeout: float = 2.0
+    min_ttl: float = 1.0
+    max_ttl: float = 300.0
+    stale_for: float = 300.0
+    family: str = "any"
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    bind: tuple[str, ...]
+    pool: str
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_connections: int = 0
+    max_per_source: int = 0
+    proxy_protocol: str = "off"
+    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    no_healthy: str = "close"
+    no_healthy_banner: bytes = b""
+    idle_timeout: float = 3600.0
+    backlog: int = 4096
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One ``[[pools.X.servers]]`` entry. Exactly one of ``address`` and ``srv`` is set."""
+
+    address: str = ""
+    name: str = ""
+    weight: int = 1
+    backup: bool = False
+    max_connections: int = 0
+    srv: str = ""
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.address or self.srv
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval: float = 2.0
+    fast_interval: float = 0.5
+    down_interval: float = 5.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    jitter: float = 0.1
+    send: bytes = b""
+    expect: bytes = b""
+    initial: str = "unknown"
+
+
+@dataclass(frozen=True)
+class EjectionConfig:
+    consecutive_failures: int = 5
+    base_time: float = 30.0
+    max_time: float = 300.0
+    max_percent: int = 50
+    slow_start: float = 0.0
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str
+    servers: tuple[ServerConfig, ...]
+    balance: str = "round_robin"
+    retries: int = 2
+    connect_timeout: float = 2.0
+    retry_budget: float = 5.0
+    panic_threshold: int = 0
+    proxy_protocol: str = "off"
+    on_server_down: str = "keep"
+    hash_key: str = "source_ip"
+    health: HealthConfig | None = None
+    ejection: EjectionConfig = field(default_factory=EjectionConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    global_: GlobalConfig
+    admin: AdminConfig | None
+    resolver: ResolverConfig
+    listeners: Mapping[str, ListenerConfig]
+    pools: Mapping[str, PoolConfig]
+    source: str = ""
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def parse_duration(value: object) -> float:
+    """``"250ms"``, ``"2s"``, ``"5m"``, ``"1h"`` or a plain number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '2s' or '250ms', got a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration such as '2s', '250ms', '5m' or '1h'")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as '2s', got {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r} must be a finite, non-negative duration")
+    return seconds
+
+
+class _Reader:
+    """Reads one TOML table, recording errors under its key path instead of raising."""
+
+    def __init__(self, table: object, path: str, errors: list[str]) -> None:
+        self.path = path
+        self.errors = errors
+        self.seen: set[str] = set()
+        if isinstance(table, dict):
+            self.table: dict[str, Any] = table
+        else:
+            self.table = {}
+            self.error(f"expected a table, got {type(table).__name__}")
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, message: str, key: str | None = None) -> None:
+        where = self.key_path(key) if key is not None else (self.path or "(top level)")
+        self.errors.append(f"{where}: {message}")
+
+    def get(self, key: str, default: T, convert: Callable[[object], T]) -> T:
+        self.seen.add(key)
+        if key not in self.table:
+            return default
+        try:
+            return convert(self.table[key])
+        except (ValueError, TypeError, AddressError) as exc:
+            self.error(str(exc), key)
+            return default
+
+    def has(self, key: str) -> bool:
+        return key in self.table
+
+    def sub(self, key: str) -> _Reader | None:
+        self.seen.add(key)
+        if key not in self.table:
+            return None
+        return _Reader(self.table[key], self.key_path(key), self.errors)
+
+    def finish(self) -> None:
+        for key in self.table:
+            if key not in self.seen:
+                self.error("unknown key", key)
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if value < low or (high is not None and value > high):
+            span = f"{low}..{high}" if high is not None else f">= {low}"
+            raise ValueError(f"{value} is out of range ({span})")
+        return value
+
+    return convert
+
+
+def _fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {value!r}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{value} is out of range (0 <= jitter < 1)")
+    return float(value)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _bytes(value: object) -> bytes:
+    text = _str(value)
+    try:
+        # TOML strings are Unicode; bytes on the wire are their Latin-1 code points so that
+        # "\u00ff" can stand for the byte 0xff. Anything above U+00FF is a mistake.
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError("holds characters above U+00FF; use \\u00XX escapes for bytes") from None
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(repr(o) for o in options)}")
+        return str(value)
+
+    return convert
+
+
+def _workers(value: object) -> int:
+    if value == "auto":
+        raise ValueError("'auto' is not supported yet: lbtcp runs one process for now (workers = 1)")
+    count = _int_in(1)(value)
+    if count != 1:
+        raise ValueError(f"{count} workers: only workers = 1 is supported for now")
+    return count
+
+
+def _cidr_list(reader: _Reader, key: str) -> tuple[Network, ...]:
+    reader.seen.add(key)
+    if key not in reader.table:
+        return ()
+    value = reader.table[key]
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        reader.error(f"expected a list of CIDRs, got {value!r}", key)
+        return ()
+    networks: list[Network] = []
+    for index, item in enumerate(items):
+        try:
+            networks.append(parse_cidr(item))
+        except AddressError as exc:
+            reader.errors.append(f"{reader.key_path(key)}[{index}]: {exc}")
+    return tuple(networks)
+
+
+def _bind_list(reader: _Reader) -> tuple[str, ...]:
+    reader.seen.add("bind")
+    if "bind" not in reader.table:
+        reader.error("is required (an address such as '0.0.0.0:8080')", "bind")
+        return ()
+    value = reader.table["bind"]
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        reader.error("expected an address or a non-empty list of addresses", "bind")
+        return ()
+    binds: list[str] = []
+    for index, item in enumerate(items):
+        where = f"{reader.key_path('bind')}[{index}]"
+        if isinstance(item, str) and item.startswith("fd:"):
+            reader.errors.append(f"{where}: systemd socket activation ('fd:NAME') is not supported yet")
+            continue
+        try:
+            endpoint = parse_endpoint(item, allow_names=False)
+        except AddressError as exc:
+            reader.errors.append(f"{where}: {exc}")
+            continue
+        binds.append(str(endpoint))
+    if len(set(binds)) != len(binds):
+        reader.error("lists the same address twice", "bind")
+    return tuple(binds)
+
+
+def _valid_name(kind: str, name: str, errors: list[str], path: str) -> None:
+    if not _NAME_RE.match(name):
+        errors.append(f"{path}: {kind} name {name!r} may hold only letters, digits, '_', '-', '.'")
+
+
+def _parse_global(reader: _Reader | None) -> GlobalConfig:
+    if reader is None:
+        return GlobalConfig()
+    result = GlobalConfig(
+        workers=reader.get("workers", 1, _workers),
+        log_format=reader.get("log_format", "text", _choice(LOG_FORMATS)),
+        access_log=reader.get("access_log", True, _bool),
+        drain_timeout=reader.get("drain_timeout", 30.0, parse_duration),
+        user=reader.get("user", "", _str),
+    )
+    if result.user:
+        reader.error("dropping privileges is not supported yet; leave user empty", "user")
+    reader.finish()
+    return result
+
+
+def _parse_admin(reader: _Reader | None) -> AdminConfig | None:
+    if reader is None:
+        return None
+    listen = reader.get(
+        "listen", Endpoint("127.0.0.1", 9900), lambda v: parse_endpoint(_str(v), allow_names=False)
+    )
+    token = reader.get("token", "", _str)
+    reader.finish()
+    reader.error("the admin API is not available yet; remove the [admin] table")
+    return AdminConfig(listen=listen, token=token)
+
+
+def _parse_resolver(reader: _Reader | None) -> ResolverConfig:
+    if reader is None:
+        return ResolverConfig()
+
+    def nameservers(value: object) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise ValueError("expected a list of 'IP' or 'IP:PORT' strings")
+        out: list[str] = []
+        for item in value:
+            text = _str(item)
+            try:
+                ipaddress.ip_address(text)
+            except ValueError:
+                endpoint = parse_endpoint(text, allow_names=False)
+                if endpoint.port == 0:
+                    raise ValueError(f"{text!r}: port 0 is not a nameserver port") from None
+            out.append(text)
+        return tuple(out)
+
+    result = ResolverConfig(
+        nameservers=reader.get("nameservers", (), nameservers),
+        timeout=reader.get("timeout", 2.0, parse_duration),
+        min_ttl=reader.get("min_ttl", 1.0, parse_duration),
+        max_ttl=reader.get("max_ttl", 300.0, parse_duration),
+        stale_for=reader.get("stale_for", 300.0, parse_duration),
+        family=reader.get("family", "any", _choice(FAMILIES)),
+    )
+    if result.timeout <= 0:
+        reader.error("must be more than 0", "timeout")
+    if result.min_ttl > result.max_ttl:
+        reader.error(f"min_ttl ({result.min_ttl}s) is above max_ttl ({result.max_ttl}s)")
+    reader.finish()
+    return result
+
+
+def _parse_listener(name: str, reader: _Reader) -> ListenerConfig:
+    _valid_name("listener", name, reader.errors, reader.path)
+    bind = _bind_list(reader)
+    reader.seen.add("pool")
+    pool = reader.get("pool", "", _str)
+    if not reader.has("pool"):
+        reader.error("is required (the name of a [pools.NAME] table)", "pool")
+    result = ListenerConfig(
+        name=name,
+        bind=bind,
+        pool=pool,
+        allow=_cidr_list(reader, "allow"),
+        deny=_cidr_list(reader, "deny"),
+        max_connections=reader.get("max_connections", 0, _int_in(0)),
+        max_per_source=reader.get("max_per_source", 0, _int_in(0)),
+        proxy_protocol=reader.get("proxy_protocol", "off", _choice(PROXY_IN_MODES)),
+        proxy_protocol_from=_cidr_list(reader, "proxy_protocol_from"),
+        no_healthy=reader.get("no_healthy", "close", _choice(NO_HEALTHY_MODES)),
+        no_healthy_banner=reader.get("no_healthy_banner", b"", _bytes),
+        idle_timeout=reader.get("idle_timeout", 3600.0, parse_duration),
+        backlog=reader.get("backlog", 4096, _int_in(1, 1 << 20)),
+    )
+    if result.proxy_protocol != "off":
+        reader.error("accepting PROXY headers is not supported yet; use 'off'", "proxy_protocol")
+    if result.no_healthy == "banner" and not result.no_healthy_banner:
+        reader.error("is empty but no_healthy = 'banner'", "no_healthy_banner")
+    reader.finish()
+    return result
+
+
+def _parse_server(reader: _Reader) -> ServerConfig:
+    address = reader.get("address", "", _str)
+    srv = reader.get("srv", "", _str)
+    result = ServerConfig(
+        address=address,
+        name=reader.get("name", "", _str),
+        weight=reader.get("weight", 1, _int_in(0, MAX_WEIGHT)),
+        backup=reader.get("backup", False, _bool),
+        max_connections=reader.get("max_connections", 0, _int_in(0)),
+        srv=srv,
+    )
+    if address and srv:
+        reader.error("has both 'address' and 'srv'; give one")
+    elif srv:
+        reader.error("SRV discovery is not supported yet; use 'address'", "srv")
+    elif not reader.has("address"):
+        reader.error("is required (IP:PORT, [IPv6]:PORT or NAME:PORT)", "address")
+    elif address:
+        try:
+            endpoint = parse_endpoint(address)
+        except AddressError as exc:
+            reader.error(str(exc), "address")
+        else:
+            if endpoint.port == 0:
+                reader.error(f"{address!r}: port 0 cannot be connected to", "address")
+            elif not endpoint.is_ip:
+                reader.error(
+                    f"{address!r}: servers named by DNS are not supported yet; use an IP",
+                    "address",
+                )
+    reader.finish()
+    return result
+
+
+def _parse_health(reader: _Reader | None) -> HealthConfig | None:
+    if reader is None:
+        return None
+    result = HealthConfig(
+        interval=reader.get("interval", 2.0, parse_duration),
+        fast_interval=reader.get("fast_interval", 0.5, parse_duration),
+        down_interval=reader.get("down_interval", 5.0, parse_duration),
+        timeout=reader.get("timeout", 1.0, parse_duration),
+        rise=reader.get("rise", 2, _int_in(1, 1000)),
+        fall=reader.get("fall", 3, _int_in(1, 1000)),
+        jitter=reader.get("jitter", 0.1, _fraction),
+        send=reader.get("send", b"", _bytes),
+        expect=reader.get("expect", b"", _bytes),
+        initial=reader.get("initial", "unknown", _choice(INITIAL_STATES)),
+    )
+    for key in ("interval", "fast_interval", "down_interval", "timeout"):
+        if getattr(result, key) <= 0:
+            reader.error("must be more than 0", key)
+    reader.finish()
+    reader.error("active health probes are not supported yet; remove the table")
+    return result
+
+
+def _parse_ejection(reader: _Reader | None) -> EjectionConfig:
+    if reader is None:
+        return EjectionConfig()
+    result = EjectionConfig(
+        consecutive_failures=reader.get("consecutive_failures", 5, _int_in(0, 1_000_000)),
+        base_time=reader.get("base_time", 30.0, parse_duration),
+        max_time=reader.get("max_time", 300.0, parse_duration),
+        max_percent=reader.get("max_percent", 50, _int_in(0, 100)),
+        slow_start=reader.get("slow_start", 0.0, parse_duration),
+    )
+    if result.max_time < result.base_time:
+        reader.error(f"max_time ({result.max_time}s) is below base_time ({result.base_time}s)")
+    reader.finish()
+    return result
+
+
+def _parse_pool(name: str, reader: _Reader, balancer_names: tuple[str, ...]) -> PoolConfig:
+    _valid_name("pool", name, reader.errors, reader.path)
+
+    def balance(value: object) -> str:
+        text = _str(value)
+        if text in balancer_names or (":" in text and all(text.split(":", 1))):
+            return text
+        raise ValueError(
+            f"{text!r} is not a balancer: use one of {', '.join(balancer_names)} "
+            "or 'module.path:ClassName'"
+        )
+
+    reader.seen.add("servers")
+    servers: list[ServerConfig] = []
+    raw_servers = reader.table.get("servers")
+    if raw_servers is None:
+        reader.error("is required: a pool needs at least one [[pools.NAME.servers]]", "servers")
+    elif not isinstance(raw_servers, list) or not raw_servers:
+        reader.error("expected a non-empty array of tables [[pools.NAME.servers]]", "servers")
+    else:
+        for index, raw in enumerate(raw_servers):
+            servers.append(_parse_server(_Reader(raw, f"{reader.path}.servers[{index}]", reader.errors)))
+        seen_names: dict[str, int] = {}
+        for index, server in enumerate(servers):
+            label = server.display_name
+            if label and label in seen_names:
+                reader.errors.append(
+                    f"{reader.path}.servers[{index}]: the name {label!r} is already used by "
+                    f"servers[{seen_names[label]}]; give each server a unique name"
+                )
+            seen_names.setdefault(label, index)
+
+    result = PoolConfig(
+        name=name,
+        servers=tuple(servers),
+        balance=reader.get("balance", "round_robin", balance),
+        retries=reader.get("retries", 2, _int_in(0, 100)),
+        connect_timeout=reader.get("connect_timeout", 2.0, parse_duration),
+        retry_budget=reader.get("retry_budget", 5.0, parse_duration),
+        panic_threshold=reader.get("panic_threshold", 0, _int_in(0, 100)),
+        proxy_protocol=reader.get("proxy_protocol", "off", _choice(PROXY_OUT_MODES)),
+        on_server_down=reader.get("on_server_down", "keep", _choice(ON_SERVER_DOWN)),
+        hash_key=reader.get("hash_key", "source_ip", _choice(HASH_KEYS)),
+        health=_parse_health(reader.sub("health")),
+        ejection=_parse_ejection(reader.sub("ejection")),
+    )
+    if result.connect_timeout <= 0:
+        reader.error("must be more than 0", "connect_timeout")
+    if result.retry_budget <= 0:
+        reader.error("must be more than 0", "retry_budget")
+    if result.proxy_protocol != "off":
+        reader.error("sending PROXY headers is not supported yet; use 'off'", "proxy_protocol")
+    reader.finish()
+    return result
+
+
+def _named_tables(reader: _Reader, key: str) -> Iterator[tuple[str, _Reader]]:
+    sub = reader.sub(key)
+    if sub is None:
+        return
+    for name, table in sub.table.items():
+        sub.seen.add(name)
+        yield name, _Reader(table, f"{key}.{name}", reader.errors)
+
+
+def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
+    """Validate a parsed TOML document. Raises ConfigError listing every problem found."""
+    from lbtcp.balancing import BUILTIN_BALANCERS  # late: keeps config importable on its own
+
+    errors: list[str] = []
+    top = _Reader(dict(data), "", errors)
+    global_ = _parse_global(top.sub("global"))
+    admin = _parse_admin(top.sub("admin"))
+    resolver = _parse_resolver(top.sub("resolver"))
+    pools = {
+        name: _parse_pool(name, reader, BUILTIN_BALANCERS)
+        for name, reader in _named_tables(top, "pools")
+    }
+    listeners = {name: _parse_listener(name, reader) for name, reader in _named_tables(top, "listeners")}
+    top.finish()
+
+    if not listeners and "listeners" not in top.table:
+        errors.append("listeners: at least one [listeners.NAME] table is required")
+    seen_binds: dict[str, str] = {}
+    for name, listener in listeners.items():
+        if listener.pool and listener.pool not in pools:
+            known = ", ".join(sorted(pools)) or "none defined"
+            errors.append(
+                f"listeners.{name}.pool: no pool named {listener.pool!r} (pools: {known})"
+            )
+        for bind in listener.bind:
+            if bind in seen_binds and not bind.endswith(":0"):
+                errors.append(
+                    f"listeners.{name}.bind: {bind} is also bound by listener {seen_binds[bind]!r}"
+                )
+            seen_binds.setdefault(bind, name)
+    if errors:
+        raise ConfigError(errors, source)
+    return Config(
+        global_=global_,
+        admin=admin,
+        resolver=resolver,
+        listeners=listeners,
+        pools=pools,
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file. Raises ConfigError (also for unreadable files)."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], source) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"the file is not UTF-8: {exc}"], source) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"TOML syntax error: {exc}"], source) from None
+    return parse_config(data, source)

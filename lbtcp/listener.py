@@ -1,0 +1,279 @@
+"""Accepting clients: ACL, limits, the no-healthy refusal, and connecting with retries.
+
+Theory of operation. A ``Listener`` owns its listening sockets and its live sessions. For each
+accepted client the loop creates a ``relay.Session``, whose ``connection_made`` calls
+``session_accepted`` here. That runs the checks in the order an operator expects: deny/allow
+CIDRs (``AC``), connection limits (``LM``), then asks the pool for a server. No server means
+the refusal of DESIGN.md §3 (``NH``): the client was accepted and is closed at once, by FIN, by
+RST, or after a banner, without connecting anywhere. Otherwise one task per session runs the
+connect attempts: each attempt on a server not yet tried, with ``connect_timeout`` per attempt
+and ``retry_budget`` across all of them. On success the server transport is handed to the
+session and bytes flow; if every attempt failed the client is closed with ``CT`` (every
+attempt timed out) or ``CR`` (at least one was refused or failed otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+from collections.abc import Callable
+from typing import cast
+
+from lbtcp.addresses import format_address, parse_endpoint
+from lbtcp.config import ListenerConfig
+from lbtcp.log import Log
+from lbtcp.pool import Pool, Server
+from lbtcp.relay import CLOSED, Session, UpstreamProtocol, reset_transport
+
+TERM_NO_HEALTHY = "NH"
+TERM_CONNECT_TIMEOUT = "CT"
+TERM_CONNECT_REFUSED = "CR"
+TERM_ACL = "AC"
+TERM_LIMIT = "LM"
+
+REFUSAL_REASONS = ("no_healthy", "acl", "limit", "proxy_protocol")
+
+
+class ConnectTimeout(Exception):
+    """One connect attempt ran past its timeout."""
+
+
+def bind_socket(address: str, backlog: int) -> socket.socket:
+    """A listening TCP socket for ``IP:PORT`` or ``[IPv6]:PORT``."""
+    endpoint = parse_endpoint(address, allow_names=False)
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "[::]:80" means IPv6 only; list "0.0.0.0:80" too for both, as nginx does.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener:
+    """One ``[listeners.NAME]``: its sockets, its sessions and its counters."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        pool: Pool,
+        log: Log,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.name = config.name
+        self.config = config
+        self.pool = pool
+        self.log = log
+        self.loop = loop
+        self.servers: list[asyncio.AbstractServer] = []
+        self.addresses: list[str] = []
+        self.sessions: set[Session] = set()
+        self.per_source: dict[str, int] = {}
+        self.accepting = False
+        # Counters: plain ints on the hot path.
+        self.connections_total = 0
+        self.refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+        self._check_acl = bool(config.allow or config.deny)
+        self._factory: Callable[[], Session] = lambda: Session(self, loop)
+
+    @property
+    def active(self) -> int:
+        return len(self.sessions)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind every address and start accepting. Raises OSError (port in use, ...)."""
+        sockets = []
+        try:
+            for address in self.config.bind:
+                sockets.append(bind_socket(address, self.config.backlog))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        for sock in sockets:
+            server = await self.loop.create_server(
+                self._factory, sock=sock, backlog=self.config.backlog
+            )
+            self.servers.append(server)
+            host, port = sock.getsockname()[:2]
+            self.addresses.append(format_address(host, port))
+        self.accepting = True
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; live sessions go on. New clients get ECONNREFUSED."""
+        self.accepting = False
+        for server in self.servers:
+            server.close()
+
+    def close_sessions(self, term: str) -> None:
+        for session in list(self.sessions):
+            session.close(term, abort=True)
+
+    # --- accepting -----------------------------------------------------------------------
+
+    def session_accepted(self, session: Session) -> None:
+        """Called from ``Session.connection_made`` for every accepted client."""
+        self.connections_total += 1
+        ip = session.client_ip
+        if self._check_acl and not self._acl_allows(ip):
+            self._refuse(session, "acl", TERM_ACL)
+            return
+        config = self.config
+        if config.max_connections and len(self.sessions) >= config.max_connections:
+            self._refuse(session, "limit", TERM_LIMIT)
+            return
+        if config.max_per_source and self.per_source.get(ip, 0) >= config.max_per_source:
+            self._refuse(session, "limit", TERM_LIMIT)
+            return
+        pool = self.pool
+        client = pool.client(ip, session.client_port)
+        server = pool.choose(client)
+        if server is None:
+            self._refuse_no_healthy(session)
+            return
+        self.sessions.add(session)
+        if config.max_per_source:
+            self.per_source[ip] = self.per_source.get(ip, 0) + 1
+        session.idle_timeout = config.idle_timeout
+        session.connect_task = self.loop.create_task(self._connect(session, server))
+
+    def _acl_allows(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        config = self.config
+        if any(address in network for network in config.deny):
+            return False
+        return not config.allow or any(address in network for network in config.allow)
+
+    def _refuse(self, session: Session, reason: str, term: str) -> None:
+        self.refused[reason] += 1
+        session.term = term
+        session.close(term)
+
+    def _refuse_no_healthy(self, session: Session) -> None:
+        """The layer-4 "503": accepted, then closed at once, the way the listener says."""
+        self.refused["no_healthy"] += 1
+        session.term = TERM_NO_HEALTHY
+        session.up_state = session.down_state = CLOSED  # nothing more is relayed
+        mode = self.config.no_healthy
+        client = session.client
+        if mode == "reset":
+            reset_transport(client)
+        else:
+            if mode == "banner":
+                client.write(self.config.no_healthy_banner)
+            client.close()
+
+    # --- connecting ----------------------------------------------------------------------
+
+    async def _connect(self, session: Session, server: Server) -> None:
+        """Connect attempts for one session, on a new server each time (see module doc)."""
+        loop = self.loop
+        pool = self.pool
+        config = pool.config
+        deadline = loop.time() + config.retry_budget
+        all_timeouts = True
+        while True:
+            session.tried.append(server)
+            timeout = min(config.connect_timeout, deadline - loop.time())
+            try:
+                transport = await self._connect_once(session, server, timeout)
+            except ConnectTimeout:
+                server.connect_failures += 1
+            except OSError as exc:
+                server.connect_failures += 1
+                if exc.errno != errno.ETIMEDOUT:
+                    all_timeouts = False
+            else:
+                if session.finished or session.up_state == CLOSED:
+                    transport.close()  # the client left while we connected
+                    return
+                pool.session_started(server)
+                session.attach_upstream(transport, server)
+                return
+            if session.finished:
+                return
+            if len(session.tried) > config.retries or loop.time() >= deadline:
+                break
+            next_server = pool.choose(pool.client(session.client_ip, session.client_port),
+                                      session.tried)
+            if next_server is None:
+                break
+            server = next_server
+        session.close(TERM_CONNECT_TIMEOUT if all_timeouts else TERM_CONNECT_REFUSED)
+
+    async def _connect_once(
+        self, session: Session, server: Server, timeout: float
+    ) -> asyncio.Transport:
+        """One attempt, bounded by ``timeout`` with a timer rather than a wrapper task."""
+        if timeout <= 0:
+            raise ConnectTimeout()
+        loop = self.loop
+        task = asyncio.current_task()
+        assert task is not None
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            task.cancel()
+
+        handle = loop.call_later(timeout, expire)
+        try:
+            transport, _ = await loop.create_connection(
+                lambda: UpstreamProtocol(session), server.host, server.port
+            )
+        except asyncio.CancelledError:
+            if not timed_out:
+                raise  # the client went away
+            if hasattr(task, "uncancel"):
+                task.uncancel()
+            raise ConnectTimeout() from None
+        finally:
+            handle.cancel()
+        return cast(asyncio.Transport, transport)
+
+    # --- ending --------------------------------------------------------------------------
+
+    def session_finished(self, session: Session) -> None:
+        """Called once per session from ``Session._finish``: counters and the access log."""
+        if session in self.sessions:
+            self.sessions.discard(session)
+            if self.config.max_per_source:
+                ip = session.client_ip
+                left = self.per_source.get(ip, 1) - 1
+                if left > 0:
+                    self.per_source[ip] = left
+                else:
+                    self.per_source.pop(ip, None)
+        server = session.server
+        if server is not None:
+            self.pool.session_ended(server, session.bytes_from_client, session.bytes_to_client)
+        log = self.log
+        if log.access_enabled:
+            log.access(
+                listener=self.name,
+                client=format_address(session.client_ip, session.client_port),
+                pool=self.pool.name,
+                server=server.name if server is not None else "-",
+                connect_ms=round(session.connect_ms, 3) if session.connect_ms >= 0 else -1,
+                duration_ms=round(session.duration_ms(), 3),
+                bytes_in=session.bytes_from_client,
+                bytes_out=session.bytes_to_client,
+                term=session.term,
+            )

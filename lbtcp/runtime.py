@@ -1,0 +1,138 @@
+"""Wiring: build pools and listeners from a config, run them, stop on signals.
+
+SIGTERM drains: the listening sockets close (new clients get ECONNREFUSED), live sessions may
+finish for up to ``drain_timeout``, then the rest are closed (``ST``) and the process exits 0.
+SIGINT closes everything at once. SIGHUP is caught (so that it cannot kill the process by
+default) and logged: configuration reload is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+from lbtcp import __version__
+from lbtcp.config import Config
+from lbtcp.listener import Listener
+from lbtcp.log import Log
+from lbtcp.pool import Pool
+from lbtcp.relay import TERM_SHUTDOWN
+
+DRAIN_POLL = 0.05
+
+
+class Runtime:
+    """One lbtcp process: its pools, listeners and the stop logic."""
+
+    def __init__(self, config: Config, log: Log | None = None) -> None:
+        self.config = config
+        self.log = log or Log(config.global_.log_format, config.global_.access_log)
+        self.pools: dict[str, Pool] = {}
+        self.listeners: dict[str, Listener] = {}
+        self._stop_requested: asyncio.Event | None = None
+        self._stop_mode = "drain"
+
+    def build(self, loop: asyncio.AbstractEventLoop) -> None:
+        for name, pool_config in self.config.pools.items():
+            self.pools[name] = Pool.from_config(pool_config)
+        for name, listener_config in self.config.listeners.items():
+            self.listeners[name] = Listener(
+                listener_config, self.pools[listener_config.pool], self.log, loop
+            )
+
+    @property
+    def active_sessions(self) -> int:
+        return sum(listener.active for listener in self.listeners.values())
+
+    def request_stop(self, mode: str) -> None:
+        """Signal handler: ``drain`` (SIGTERM) or ``now`` (SIGINT)."""
+        if self._stop_requested is None:
+            return
+        if self._stop_requested.is_set():
+            if mode == "now":
+                self._stop_mode = "now"  # a second signal may cut a drain short
+                self._close_all()
+            return
+        self._stop_mode = mode
+        self._stop_requested.set()
+
+    def _close_all(self) -> None:
+        for listener in self.listeners.values():
+            listener.close_sessions(TERM_SHUTDOWN)
+
+    async def run(self) -> int:
+        """Serve until a stop signal. Returns the exit code."""
+        loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        self.log.use_timer(loop.call_later)
+        self.build(loop)
+        try:
+            for listener in self.listeners.values():
+                await listener.start()
+        except OSError as exc:
+            self.log.event("error", f"cannot listen: {exc.strerror or exc}", error=str(exc))
+            for listener in self.listeners.values():
+                listener.stop_accepting()
+            return 1
+        for listener in self.listeners.values():
+            for address in listener.addresses:
+                self.log.event("listening", listener=listener.name, address=address,
+                               pool=listener.pool.name)
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop, "drain")
+        loop.add_signal_handler(signal.SIGINT, self.request_stop, "now")
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        self.log.event(
+            "start",
+            f"lbtcp {__version__} serving",
+            pid=os.getpid(),
+            config=self.config.source,
+            listeners=len(self.listeners),
+            pools=len(self.pools),
+        )
+        await self._stop_requested.wait()
+        await self._stop(loop)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        return 0
+
+    def _on_sighup(self) -> None:
+        self.log.event("reload", "SIGHUP ignored: configuration reload is not implemented yet")
+
+    async def _stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        for listener in self.listeners.values():
+            listener.stop_accepting()
+        drain_timeout = self.config.global_.drain_timeout
+        if self._stop_mode == "drain" and self.active_sessions:
+            self.log.event(
+                "drain", "stopped accepting; waiting for live sessions",
+                sessions=self.active_sessions, timeout_s=drain_timeout,
+            )
+            deadline = loop.time() + drain_timeout
+            while self.active_sessions and loop.time() < deadline and self._stop_mode == "drain":
+                await asyncio.sleep(DRAIN_POLL)
+        left = self.active_sessions
+        self._close_all()
+        # Let the closes run their connection_lost callbacks so every session is logged.
+        for _ in range(100):
+            if not self.active_sessions:
+                break
+            await asyncio.sleep(0.01)
+        self.log.event("stop", "lbtcp stopped", closed_sessions=left)
+        self.log.flush()
+
+
+def serve(config: Config) -> int:
+    """Run lbtcp on uvloop until stopped; returns the process exit code."""
+    import uvloop
+
+    runtime = Runtime(config)
+    try:
+        return uvloop.run(runtime.run())
+    except KeyboardInterrupt:  # pragma: no cover - SIGINT before the handler was installed
+        return 0
+    finally:
+        runtime.log.flush()
+        sys.stderr.flush()
+
