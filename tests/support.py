@@ -1,0 +1,276 @@
+"""Test helpers: backends on a private event loop thread, and lbtcp as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll ``condition`` until it holds; fail the test with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.005)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (connects are refused)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+class Echo(asyncio.Protocol):
+    """Echo with flow control and half-close, as a well-behaved server would do."""
+
+    def __init__(self, owner: Backends, port_box: list[int]) -> None:
+        self.owner = owner
+        self.port_box = port_box
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.owner.accepted[self.port_box[0]] += 1
+        self.owner.transports.add(transport)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        return False  # the loop closes the transport after flushing: the client sees EOF
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.transports.discard(self.transport)  # type: ignore[arg-type]
+
+    def pause_writing(self) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.transport is not None
+        self.transport.resume_reading()
+
+
+class Backends:
+    """Servers on their own event loop in a thread, so tests can use blocking sockets."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.servers: dict[int, asyncio.AbstractServer] = {}
+        self.accepted: collections.Counter[int] = collections.Counter()
+        self.transports: set[asyncio.Transport] = set()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, factory: Callable[[list[int]], asyncio.Protocol], port: int = 0) -> int:
+        box: list[int] = [0]
+
+        async def make() -> asyncio.AbstractServer:
+            return await self.loop.create_server(
+                lambda: factory(box), "127.0.0.1", port, reuse_address=True
+            )
+
+        server = self.call(make())
+        box[0] = server.sockets[0].getsockname()[1]
+        self.servers[box[0]] = server
+        return box[0]
+
+    def echo(self, port: int = 0) -> int:
+        return self.start(lambda box: Echo(self, box), port)
+
+    def stream(
+        self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+    ) -> int:
+        """A streams-API server running ``handler`` per connection."""
+
+        async def make() -> asyncio.AbstractServer:
+            return await asyncio.start_server(handler, "127.0.0.1", 0)
+
+        server = self.call(make())
+        port = int(server.sockets[0].getsockname()[1])
+        self.servers[port] = server
+        return port
+
+    def stop(self, port: int) -> None:
+        server = self.servers.pop(port)
+
+        async def close() -> None:
+            server.close()
+
+        self.call(close())
+
+    def close(self) -> None:
+        for port in list(self.servers):
+            self.stop(port)
+
+        async def abort_all() -> None:
+            for transport in list(self.transports):
+                transport.abort()
+            await asyncio.sleep(0.05)
+
+        self.call(abort_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class Lbtcp:
+    """``lbtcp serve CONFIG`` as a subprocess, with its stderr collected line by line."""
+
+    def __init__(self, config_text: str, tmp_path: Path, *, wait: bool = True) -> None:
+        self.config_path = tmp_path / "lbtcp.toml"
+        self.config_path.write_text(config_text)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lbtcp", "serve", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if wait:
+            self.wait_line(r"\bstart\b", timeout=15)
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_line(self, pattern: str, timeout: float = 10.0, start: int = 0) -> str:
+        """The first stderr line from index ``start`` matching ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            index = start
+            while True:
+                while index < len(self.lines):
+                    if regex.search(self.lines[index]):
+                        return self.lines[index]
+                    index += 1
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    output = "\n".join(self.lines[-40:])
+                    raise AssertionError(f"no line matching {pattern!r}; stderr:\n{output}")
+                self._cond.wait(min(left, 0.1))
+
+    def matching(self, pattern: str) -> list[str]:
+        regex = re.compile(pattern)
+        with self._cond:
+            return [line for line in self.lines if regex.search(line)]
+
+    def address(self, listener: str = "web") -> tuple[str, int]:
+        line = self.wait_line(rf"listening listener={listener} ")
+        match = re.search(r"address=\[?([0-9a-f.:]+?)\]?:(\d+)", line)
+        assert match, line
+        return match.group(1), int(match.group(2))
+
+    def rss_bytes(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        assert match
+        return int(match.group(1)) * 1024
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        if self.proc.stderr is not None and not self._reader.is_alive():
+            self.proc.stderr.close()
+        return code
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                return self.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.wait(10)
+
+
+def config(
+    servers: list[int],
+    *,
+    listener_extra: str = "",
+    pool_extra: str = "",
+    global_extra: str = "",
+    server_extra: str = "",
+    balance: str = "round_robin",
+) -> str:
+    """A one-listener, one-pool config over 127.0.0.1 servers, bound to a free port."""
+    lines = ["[global]", global_extra, "[listeners.web]", 'bind = "127.0.0.1:0"',
+             'pool = "app"', listener_extra, "[pools.app]", f'balance = "{balance}"', pool_extra]
+    for port in servers:
+        lines += ["[[pools.app.servers]]", f'address = "127.0.0.1:{port}"', server_extra]
+    return "\n".join(lines) + "\n"
+
+
+class EchoProcess:
+    """``lbtcp echo 0 0 ...`` as a subprocess: backends on another core than the test."""
+
+    def __init__(self, count: int, mode: str = "echo") -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lbtcp", mode, *(["0"] * count)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.ports: list[int] = []
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 15
+        while len(self.ports) < count:
+            line = self.proc.stderr.readline()
+            if not line or time.monotonic() > deadline:
+                raise AssertionError(f"lbtcp {mode} did not start: {line!r}")
+            match = re.search(r"listening on .*:(\d+)", line)
+            if match:
+                self.ports.append(int(match.group(1)))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
