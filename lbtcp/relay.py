@@ -332,12 +332,13 @@ class Session(asyncio.Protocol):
 
     def upstream_lost(self, exc: Exception | None) -> None:
         """The server transport is gone: end the session (the client gets what was sent)."""
+        # Nothing can reach the server any more, so the client side ends too; close()
+        # still flushes what the server sent (then FIN, unless the FIN already went).
         self.up_state = CLOSED
-        if self.down_state == OPEN:
-            self.down_state = CLOSED
-            client = self.client
-            if not client.is_closing():
-                client.close()  # flushes what the server sent, then FIN
+        self.down_state = CLOSED
+        client = self.client
+        if not client.is_closing():
+            client.close()
         self._finish()
 
     # --- idle timeout --------------------------------------------------------------------
