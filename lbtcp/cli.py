@@ -48,3 +48,13 @@ def check(config: str) -> None:
         f"{config}: OK: {len(parsed.listeners)} listener(s), {len(parsed.pools)} pool(s), "
         f"{servers} server(s)"
     )
+
+
+def _add_bench_commands() -> None:
+    from lbtcp.bench.commands import bench, echo, sink
+
+    for command in (bench, echo, sink):
+        main.add_command(command)
+
+
+_add_bench_commands()
