@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lbtcp.addresses import AddressError, Endpoint, parse_cidr, parse_endpoint
+from lbtcp.addresses import AddressError, Endpoint, Network, parse_cidr, parse_endpoint
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,12 +78,12 @@ class ListenerConfig:
     name: str
     bind: tuple[str, ...]
     pool: str
-    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
     max_connections: int = 0
     max_per_source: int = 0
     proxy_protocol: str = "off"
-    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    proxy_protocol_from: tuple[Network, ...] = ()
     no_healthy: str = "close"
     no_healthy_banner: bytes = b""
     idle_timeout: float = 3600.0
@@ -278,7 +278,9 @@ def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
 
 def _workers(value: object) -> int:
     if value == "auto":
-        raise ValueError("'auto' is not supported yet: lbtcp runs one process for now (workers = 1)")
+        raise ValueError(
+            "'auto' is not supported yet: lbtcp runs one process for now (workers = 1)"
+        )
     count = _int_in(1)(value)
     if count != 1:
         raise ValueError(f"{count} workers: only workers = 1 is supported for now")
@@ -317,7 +319,9 @@ def _bind_list(reader: _Reader) -> tuple[str, ...]:
     for index, item in enumerate(items):
         where = f"{reader.key_path('bind')}[{index}]"
         if isinstance(item, str) and item.startswith("fd:"):
-            reader.errors.append(f"{where}: systemd socket activation ('fd:NAME') is not supported yet")
+            reader.errors.append(
+                f"{where}: systemd socket activation ('fd:NAME') is not supported yet"
+            )
             continue
         try:
             endpoint = parse_endpoint(item, allow_names=False)
@@ -522,7 +526,9 @@ def _parse_pool(name: str, reader: _Reader, balancer_names: tuple[str, ...]) -> 
         reader.error("expected a non-empty array of tables [[pools.NAME.servers]]", "servers")
     else:
         for index, raw in enumerate(raw_servers):
-            servers.append(_parse_server(_Reader(raw, f"{reader.path}.servers[{index}]", reader.errors)))
+            servers.append(
+                _parse_server(_Reader(raw, f"{reader.path}.servers[{index}]", reader.errors))
+            )
         seen_names: dict[str, int] = {}
         for index, server in enumerate(servers):
             label = server.display_name
@@ -579,7 +585,9 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
         name: _parse_pool(name, reader, BUILTIN_BALANCERS)
         for name, reader in _named_tables(top, "pools")
     }
-    listeners = {name: _parse_listener(name, reader) for name, reader in _named_tables(top, "listeners")}
+    listeners = {
+        name: _parse_listener(name, reader) for name, reader in _named_tables(top, "listeners")
+    }
     top.finish()
 
     if not listeners and "listeners" not in top.table:

@@ -19,7 +19,6 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Callable
-from typing import cast
 
 from lbtcp.addresses import format_address, parse_endpoint
 from lbtcp.config import ListenerConfig
@@ -210,8 +209,9 @@ class Listener:
                 return
             if len(session.tried) > config.retries or loop.time() >= deadline:
                 break
-            next_server = pool.choose(pool.client(session.client_ip, session.client_port),
-                                      session.tried)
+            next_server = pool.choose(
+                pool.client(session.client_ip, session.client_port), session.tried
+            )
             if next_server is None:
                 break
             server = next_server
@@ -246,7 +246,7 @@ class Listener:
             raise ConnectTimeout() from None
         finally:
             handle.cancel()
-        return cast(asyncio.Transport, transport)
+        return transport
 
     # --- ending --------------------------------------------------------------------------
 

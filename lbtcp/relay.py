@@ -24,6 +24,7 @@ through ``_finish``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from time import monotonic
@@ -61,20 +62,16 @@ class SessionOwner(Protocol):
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 def reset_transport(transport: asyncio.BaseTransport) -> None:
     """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass
     cast(asyncio.WriteTransport, transport).abort()
 
 

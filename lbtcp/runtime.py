@@ -78,8 +78,9 @@ class Runtime:
             return 1
         for listener in self.listeners.values():
             for address in listener.addresses:
-                self.log.event("listening", listener=listener.name, address=address,
-                               pool=listener.pool.name)
+                self.log.event(
+                    "listening", listener=listener.name, address=address, pool=listener.pool.name
+                )
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "drain")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "now")
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -106,11 +107,16 @@ class Runtime:
         drain_timeout = self.config.global_.drain_timeout
         if self._stop_mode == "drain" and self.active_sessions:
             self.log.event(
-                "drain", "stopped accepting; waiting for live sessions",
-                sessions=self.active_sessions, timeout_s=drain_timeout,
+                "drain",
+                "stopped accepting; waiting for live sessions",
+                sessions=self.active_sessions,
+                timeout_s=drain_timeout,
             )
             deadline = loop.time() + drain_timeout
-            while self.active_sessions and loop.time() < deadline and self._stop_mode == "drain":
+            # A count across listeners, polled: 50 ms is fine grain for a drain.
+            while self.active_sessions and loop.time() < deadline:
+                if self._stop_mode != "drain":
+                    break
                 await asyncio.sleep(DRAIN_POLL)
         left = self.active_sessions
         self._close_all()
@@ -135,4 +141,3 @@ def serve(config: Config) -> int:
     finally:
         runtime.log.flush()
         sys.stderr.flush()
-

@@ -104,7 +104,8 @@ class Backends:
         return self.start(lambda box: Echo(self, box), port)
 
     def stream(
-        self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+        self,
+        handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]],
     ) -> int:
         """A streams-API server running ``handler`` per connection."""
 
@@ -235,8 +236,17 @@ def config(
     balance: str = "round_robin",
 ) -> str:
     """A one-listener, one-pool config over 127.0.0.1 servers, bound to a free port."""
-    lines = ["[global]", global_extra, "[listeners.web]", 'bind = "127.0.0.1:0"',
-             'pool = "app"', listener_extra, "[pools.app]", f'balance = "{balance}"', pool_extra]
+    lines = [
+        "[global]",
+        global_extra,
+        "[listeners.web]",
+        'bind = "127.0.0.1:0"',
+        'pool = "app"',
+        listener_extra,
+        "[pools.app]",
+        f'balance = "{balance}"',
+        pool_extra,
+    ]
     for port in servers:
         lines += ["[[pools.app.servers]]", f'address = "127.0.0.1:{port}"', server_extra]
     return "\n".join(lines) + "\n"

@@ -40,7 +40,11 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert listener.bind == ("127.0.0.1:8080",)
     assert (listener.no_healthy, listener.idle_timeout, listener.backlog) == ("close", 3600.0, 4096)
     assert (pool.balance, pool.retries, pool.connect_timeout, pool.retry_budget) == (
-        "round_robin", 2, 2.0, 5.0)
+        "round_robin",
+        2,
+        2.0,
+        5.0,
+    )
     assert config.global_.drain_timeout == 30.0
     assert pool.servers[0].display_name == "127.0.0.1:9000"
 
@@ -86,8 +90,10 @@ def test_global_values(key: str, value: object, message: str) -> None:
 
 def test_duplicate_server_names_and_banner_without_text() -> None:
     data = minimal()
-    data["pools"]["app"]["servers"] = [{"address": "127.0.0.1:1", "name": "a"},
-                                       {"address": "127.0.0.1:2", "name": "a"}]
+    data["pools"]["app"]["servers"] = [
+        {"address": "127.0.0.1:1", "name": "a"},
+        {"address": "127.0.0.1:2", "name": "a"},
+    ]
     data["listeners"]["web"]["no_healthy"] = "banner"
     errors = errors_of(data)
     assert any("pools.app.servers[1]: the name 'a' is already used" in e for e in errors)
@@ -100,7 +106,10 @@ def test_banner_bytes_keep_crlf() -> None:
     assert parse_config(data).listeners["web"].no_healthy_banner == b"503\r\n\xff"
 
 
-@given(st.floats(min_value=0, max_value=1e6, allow_nan=False), st.sampled_from(["ms", "s", "m", "h", ""]))
+@given(
+    st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    st.sampled_from(["ms", "s", "m", "h", ""]),
+)
 def test_duration_units(number: float, unit: str) -> None:
     text = f"{number:.3f}{unit}"
     scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "": 1}[unit]
@@ -128,21 +137,50 @@ def test_cidr_parser_never_crashes(text: str) -> None:
 
 # Arbitrary TOML-shaped values, dropped anywhere in an otherwise valid config.
 toml_scalars = st.one_of(
-    st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=True),
-    st.text(max_size=20), st.sampled_from(["1s", "10.0.0.1:80", "[::1]:1", "round_robin", "0"]),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.sampled_from(["1s", "10.0.0.1:80", "[::1]:1", "round_robin", "0"]),
 )
 toml_values = st.recursive(
     toml_scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 KEY_PATHS = [
-    ("global",), ("admin",), ("resolver",), ("listeners", "web"), ("pools", "app"),
-    ("pools", "app", "servers", 0), ("pools", "app", "health"), ("pools", "app", "ejection"),
+    ("global",),
+    ("admin",),
+    ("resolver",),
+    ("listeners", "web"),
+    ("pools", "app"),
+    ("pools", "app", "servers", 0),
+    ("pools", "app", "health"),
+    ("pools", "app", "ejection"),
 ]
-KNOWN_KEYS = ["workers", "bind", "pool", "allow", "deny", "address", "weight", "balance",
-              "retries", "idle_timeout", "no_healthy", "max_connections", "backlog", "name",
-              "connect_timeout", "interval", "listen", "nameservers", "servers"]
+KNOWN_KEYS = [
+    "workers",
+    "bind",
+    "pool",
+    "allow",
+    "deny",
+    "address",
+    "weight",
+    "balance",
+    "retries",
+    "idle_timeout",
+    "no_healthy",
+    "max_connections",
+    "backlog",
+    "name",
+    "connect_timeout",
+    "interval",
+    "listen",
+    "nameservers",
+    "servers",
+]
 
 
 @settings(max_examples=300, deadline=None)
@@ -153,10 +191,7 @@ def test_malformed_input_is_always_a_clear_config_error(
     data = minimal()
     table: Any = data
     for part in path:
-        if isinstance(part, int):
-            table = table[part]
-        else:
-            table = table.setdefault(part, {})
+        table = table[part] if isinstance(part, int) else table.setdefault(part, {})
     if isinstance(table, dict):
         table[key] = value
     try:
@@ -167,7 +202,13 @@ def test_malformed_input_is_always_a_clear_config_error(
             where, _, message = error.partition(": ")
             assert where and message, error
             assert where.split(".")[0].split("[")[0] in {
-                "global", "admin", "resolver", "listeners", "pools", "(top level)", key
+                "global",
+                "admin",
+                "resolver",
+                "listeners",
+                "pools",
+                "(top level)",
+                key,
             }, error
 
 
@@ -188,8 +229,12 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_lbtcp_check_accepts_every_example(path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "lbtcp", "check", str(path)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "lbtcp", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     assert "OK:" in result.stdout
 
@@ -197,8 +242,12 @@ def test_lbtcp_check_accepts_every_example(path: Path) -> None:
 def test_lbtcp_check_reports_every_error_and_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[listeners.web]\nbind = "127.0.0.1"\npool = "nope"\n[global]\nfoo = 1\n')
-    result = subprocess.run([sys.executable, "-m", "lbtcp", "check", str(path)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "lbtcp", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2
     assert "listeners.web.bind[0]: '127.0.0.1' has no port" in result.stderr
     assert "listeners.web.pool: no pool named 'nope'" in result.stderr

@@ -88,8 +88,9 @@ async def start_listener(
     listener_config = ListenerConfig(name="web", bind=("127.0.0.1:0",), pool="app")
     stream = io.StringIO()
     log = Log("text", True, stream)
-    listener = Listener(listener_config, Pool.from_config(pool_config), log,
-                        asyncio.get_running_loop())
+    listener = Listener(
+        listener_config, Pool.from_config(pool_config), log, asyncio.get_running_loop()
+    )
     await listener.start()
     host, port = listener.addresses[0].rsplit(":", 1)
     return listener, (host, int(port)), stream
@@ -170,8 +171,9 @@ def test_connection_churn_with_early_fin_and_rst(run: Any) -> None:
             writer.close()
 
         for start in range(0, 600, 50):
-            await asyncio.gather(*(client(i) for i in range(start, start + 50)),
-                                 return_exceptions=False)
+            await asyncio.gather(
+                *(client(i) for i in range(start, start + 50)), return_exceptions=False
+            )
         await wait_for(lambda: listener.active == 0, 10)
         assert listener.connections_total == 600
         listener.stop_accepting()
