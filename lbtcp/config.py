@@ -485,7 +485,6 @@ def _parse_health(reader: _Reader | None) -> HealthConfig | None:
         if getattr(result, key) <= 0:
             reader.error("must be more than 0", key)
     reader.finish()
-    reader.error("active health probes are not supported yet; remove the table")
     return result
 
 

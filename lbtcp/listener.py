@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from lbtcp.addresses import format_address, parse_endpoint
 from lbtcp.config import ListenerConfig
+from lbtcp.events import Event
 from lbtcp.log import Log
 from lbtcp.pool import Pool, Server
 from lbtcp.relay import CLOSED, Session, UpstreamProtocol, reset_transport
@@ -67,8 +68,10 @@ class Listener:
         pool: Pool,
         log: Log,
         loop: asyncio.AbstractEventLoop,
+        on_events: Callable[[Pool, list[Event]], None] | None = None,
     ) -> None:
         self.name = config.name
+        self.on_events = on_events
         self.config = config
         self.pool = pool
         self.log = log
@@ -193,12 +196,13 @@ class Listener:
             try:
                 transport = await self._connect_once(session, server, timeout)
             except ConnectTimeout:
-                server.connect_failures += 1
+                self._report(server, False)
             except OSError as exc:
-                server.connect_failures += 1
+                self._report(server, False)
                 if exc.errno != errno.ETIMEDOUT:
                     all_timeouts = False
             else:
+                self._report(server, True)
                 if session.finished or session.up_state == CLOSED:
                     transport.close()  # the client left while we connected
                     return
@@ -216,6 +220,15 @@ class Listener:
                 break
             server = next_server
         session.close(TERM_CONNECT_TIMEOUT if all_timeouts else TERM_CONNECT_REFUSED)
+
+    def _report(self, server: Server, ok: bool) -> None:
+        """Passive health: tell the pool how a real connect attempt went."""
+        events = self.pool.connect_result(server, ok, self.loop.time())
+        if events and self.on_events is not None:
+            self.on_events(self.pool, events)
+
+    def sessions_of(self, server: Server) -> list[Session]:
+        return [session for session in self.sessions if session.server is server]
 
     async def _connect_once(
         self, session: Session, server: Server, timeout: float

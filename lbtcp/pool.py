@@ -1,21 +1,37 @@
-"""Servers of a pool and the choice of one for a new session (pure).
+"""Servers of a pool, their health, and the choice of one for a new session (pure).
 
-Theory of operation: a ``Pool`` owns its ``Server`` objects and a balancer. ``choose()`` is the
-hot-path entry: it filters the servers that may take a new session right now (eligible, weight
-above zero, below their ``max_connections``, not yet tried for this client), prefers primaries
-over backups, and lets the balancer pick among what is left. The I/O layer calls
-``session_started``/``session_ended`` around each session so that active counts (used by
-``least_connections``, ``random_two`` and ``max_connections``) stay exact. Nothing here touches
-sockets or the clock.
+Theory of operation: a ``Pool`` owns its ``Server`` objects, a balancer, and a
+``health.PoolHealth`` (the per-server state machines). ``choose()`` is the hot-path entry: it
+filters the servers that may take a new session right now (eligible by health and admin state,
+weight above zero, below their ``max_connections``, not yet tried for this client), applies the
+backup and panic rules, and lets the balancer pick among what is left.
+
+Which servers are candidates:
+
+1. some primary is healthy, and (no ``panic_threshold``, or the healthy share of primaries is at
+   least the threshold): the healthy primaries;
+2. some primary is healthy but the share is below ``panic_threshold``: panic, every primary
+   whatever its health (as Envoy: spreading over all beats crushing the few that are left);
+3. no primary is healthy: the healthy backups;
+4. none of those either, and ``panic_threshold`` > 0: panic over every primary;
+5. otherwise nothing: the listener refuses the client (``no_healthy``).
+
+Draining and disabled servers are never candidates, not even in panic. Health inputs (probe
+results, connect results, admin actions, timers) go through the pool so that each server's
+``eligible`` flag is kept in step with its state machine; they return the core's events for
+the I/O layer to log and act on. Nothing here touches sockets or reads the clock.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Sequence
 
 from lbtcp.addresses import Endpoint, parse_endpoint
 from lbtcp.balancing import Balancer, Client, create_balancer
 from lbtcp.config import PoolConfig, ServerConfig
+from lbtcp.events import Event, ServerAdded, ServerStateChanged
+from lbtcp.health import Admin, AdminAction, PoolHealth, ProbeResult
 
 
 class Server:
@@ -23,6 +39,7 @@ class Server:
 
     __slots__ = (
         "active",
+        "admin_ok",
         "backup",
         "bytes_received",
         "bytes_sent",
@@ -32,6 +49,7 @@ class Server:
         "max_connections",
         "name",
         "port",
+        "removed",
         "total",
         "weight",
         "weight_factor",
@@ -53,8 +71,12 @@ class Server:
         self.weight = weight
         self.backup = backup
         self.max_connections = max_connections
-        # Health and admin state decide this; without health checks every server is eligible.
+        # Kept in step with the pool's health machine: takes new sessions (healthy and enabled).
         self.eligible = True
+        # Not draining or disabled by an operator: panic mode may still use it.
+        self.admin_ok = True
+        # Gone from the config or DNS: live sessions finish, no new ones.
+        self.removed = False
         # Slow start scales the weight in (0, 1]; 1.0 at full weight.
         self.weight_factor = 1.0
         self.active = 0
@@ -87,50 +109,169 @@ class Server:
         """May take a new session now (ignoring whether it was tried for this client)."""
         return self.eligible and self.weight > 0 and not (0 < self.max_connections <= self.active)
 
+    def available_in_panic(self) -> bool:
+        """May take a new session when the pool panics: health is ignored, admin is not."""
+        return self.admin_ok and self.weight > 0 and not (0 < self.max_connections <= self.active)
+
     def __repr__(self) -> str:
         return f"Server({self.name!r}, {self.host}:{self.port})"
 
 
 class Pool:
-    """A named set of servers with a balancer."""
+    """A named set of servers with a balancer and their health."""
 
-    __slots__ = ("_backups", "_primaries", "balancer", "config", "hash_key", "name", "servers")
+    __slots__ = (
+        "_backups",
+        "_primaries",
+        "_ramping",
+        "balancer",
+        "initial_events",
+        "config",
+        "hash_key",
+        "health",
+        "name",
+        "panic_threshold",
+        "servers",
+    )
 
     def __init__(
-        self, config: PoolConfig, servers: Iterable[Server], balancer: Balancer | None = None
+        self,
+        config: PoolConfig,
+        servers: Iterable[Server],
+        balancer: Balancer | None = None,
+        *,
+        now: float = 0.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.name = config.name
         self.config = config
         self.hash_key = config.hash_key
+        self.panic_threshold = config.panic_threshold
         self.balancer = balancer if balancer is not None else create_balancer(config.balance)
+        self.health = PoolHealth(config.name, config.health, config.ejection, rng=rng)
         self.servers: dict[str, Server] = {}
         self._primaries: list[Server] = []
         self._backups: list[Server] = []
-        self.set_servers(servers)
+        self._ramping = False
+        # Events of the initial membership, for the runtime to log once it runs.
+        self.initial_events = self.set_servers(servers, now)
 
     @classmethod
-    def from_config(cls, config: PoolConfig) -> Pool:
-        return cls(config, (Server.from_config(s) for s in config.servers))
+    def from_config(cls, config: PoolConfig, *, now: float = 0.0) -> Pool:
+        return cls(config, (Server.from_config(s) for s in config.servers), now=now)
 
-    def set_servers(self, servers: Iterable[Server]) -> None:
-        """Replace the membership (off the hot path) and tell the balancer."""
-        self.servers = {server.name: server for server in servers}
+    # --- membership ----------------------------------------------------------------------
+
+    def set_servers(self, servers: Iterable[Server], now: float) -> list[Event]:
+        """Make the membership ``servers`` (off the hot path): a diff by name. A server that
+        stays keeps its object, counters and health; a new one enters in the health
+        machine's initial state; a removed one takes no new sessions (live ones go on)."""
+        events: list[Event] = []
+        wanted = {server.name: server for server in servers}
+        for name in [n for n in self.servers if n not in wanted]:
+            gone = self.servers.pop(name)
+            gone.removed = True
+            gone.eligible = False
+            events += self.health.remove(name, now)
+        for name, server in wanted.items():
+            kept = self.servers.get(name)
+            if kept is not None and (kept.host, kept.port) == (server.host, server.port):
+                kept.weight = server.weight
+                kept.backup = server.backup
+                kept.max_connections = server.max_connections
+                continue
+            if kept is not None:  # same name, new address: a new server
+                kept.removed = True
+                events += self.health.remove(name, now)
+            self.servers[name] = server
+            events += self.health.add(name, now)
         self._primaries = [s for s in self.servers.values() if not s.backup]
         self._backups = [s for s in self.servers.values() if s.backup]
         self.balancer.update(list(self.servers.values()))
+        return self._sync(events, now)
+
+    # --- health inputs -------------------------------------------------------------------
+
+    def connect_result(self, server: Server, ok: bool, now: float) -> list[Event]:
+        """A real client's connect attempt finished (passive outlier detection)."""
+        if ok and not self._has_passive_failures(server):
+            return []  # the common case: nothing to count, no state machine run
+        server.connect_failures += 0 if ok else 1
+        return self._sync(self.health.on_connect(server.name, ok, now), now)
+
+    def _has_passive_failures(self, server: Server) -> bool:
+        name = server.name
+        return name in self.health and self.health.server(name).passive_failures > 0
+
+    def probe_result(
+        self, name: str, result: ProbeResult, now: float, detail: str = ""
+    ) -> list[Event]:
+        return self._sync(self.health.on_probe(name, result, now, detail), now)
+
+    def admin(self, name: str, action: AdminAction, now: float) -> list[Event]:
+        """Drain, enable or disable a server. KeyError if the pool has no such server."""
+        return self._sync(self.health.admin(name, action, now), now)
+
+    def tick(self, now: float) -> list[Event]:
+        """Timers due by ``now`` (ejection expiries); also advances slow-start ramps."""
+        events = self._sync(self.health.tick(now), now)
+        if self._ramping:
+            self.refresh_weights(now)
+        return events
+
+    def next_deadline(self) -> float | None:
+        return self.health.next_deadline()
+
+    @property
+    def ramping(self) -> bool:
+        """Some server is in slow start: call ``refresh_weights`` now and then."""
+        return self._ramping
+
+    def refresh_weights(self, now: float) -> None:
+        ramping = False
+        for server in self.servers.values():
+            factor = self.health.weight_factor(server.name, now)
+            server.weight_factor = factor
+            ramping = ramping or factor < 1.0
+        self._ramping = ramping
+
+    def _sync(self, events: list[Event], now: float) -> list[Event]:
+        for event in events:
+            if isinstance(event, ServerStateChanged | ServerAdded):
+                server = self.servers.get(event.server)
+                if server is None or event.server not in self.health:
+                    continue
+                record = self.health.server(event.server)
+                server.eligible = record.eligible
+                server.admin_ok = record.admin is Admin.ENABLED
+        if any(isinstance(event, ServerStateChanged) for event in events):
+            self.refresh_weights(now)
+        return events
+
+    # --- choosing ------------------------------------------------------------------------
 
     def client(self, ip: str, port: int) -> Client:
         key = f"{ip}:{port}" if self.hash_key == "source_ip_port" else ip
         return Client(ip, port, key.encode())
 
     def candidates(self, tried: Sequence[Server] = ()) -> list[Server]:
-        """Servers that may take this client now: primaries, else backups if no primary is
-        available at all (tried or not, so a retry stays on the primaries while any is up)."""
-        primaries = [s for s in self._primaries if s.available()]
-        if primaries:
-            return [s for s in primaries if s not in tried] if tried else primaries
-        backups = [s for s in self._backups if s.available()]
-        return [s for s in backups if s not in tried] if tried else backups
+        """Servers that may take this client now, by the rules of the module docstring.
+        ``tried`` (servers that already failed for this client) are left out last, so that a
+        retry stays on the primaries while any is up."""
+        primaries = self._primaries
+        healthy = [s for s in primaries if s.available()]
+        threshold = self.panic_threshold
+        if healthy and threshold and len(healthy) * 100 < threshold * len(primaries):
+            chosen = [s for s in primaries if s.available_in_panic()]
+        elif healthy:
+            chosen = healthy
+        else:
+            chosen = [s for s in self._backups if s.available()]
+            if not chosen and threshold:
+                chosen = [s for s in primaries if s.available_in_panic()]
+        if tried:
+            return [s for s in chosen if s not in tried]
+        return chosen
 
     def choose(self, client: Client, tried: Sequence[Server] = ()) -> Server | None:
         """The server for a new session, or None when nothing may take it."""
@@ -139,12 +280,7 @@ class Pool:
             return None
         if len(candidates) == 1:
             return candidates[0]
-        picked = self.balancer.pick(candidates, client)
-        if picked is None:
-            return None
-        # Balancers hand back one of the candidates; the pool only deals in its own Servers.
-        assert isinstance(picked, Server)
-        return picked
+        return self.balancer.pick(candidates, client)
 
     @staticmethod
     def session_started(server: Server) -> None:

@@ -15,10 +15,22 @@ import sys
 
 from lbtcp import __version__
 from lbtcp.config import Config
+from lbtcp.events import (
+    EjectionSkipped,
+    Event,
+    PoolEmpty,
+    PoolRecovered,
+    ServerEjected,
+    ServerStateChanged,
+)
 from lbtcp.listener import Listener
 from lbtcp.log import Log
 from lbtcp.pool import Pool
-from lbtcp.relay import TERM_SHUTDOWN
+from lbtcp.probes import Prober
+from lbtcp.relay import TERM_SERVER_DOWN, TERM_SHUTDOWN
+
+# While a server is in slow start its weight is refreshed this often.
+SLOW_START_STEP = 0.25
 
 DRAIN_POLL = 0.05
 
@@ -31,16 +43,123 @@ class Runtime:
         self.log = log or Log(config.global_.log_format, config.global_.access_log)
         self.pools: dict[str, Pool] = {}
         self.listeners: dict[str, Listener] = {}
+        self.probers: dict[str, Prober] = {}
+        self._pool_timers: dict[str, asyncio.TimerHandle] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
         self._stop_mode = "drain"
 
     def build(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         for name, pool_config in self.config.pools.items():
-            self.pools[name] = Pool.from_config(pool_config)
+            self.pools[name] = Pool.from_config(pool_config, now=loop.time())
         for name, listener_config in self.config.listeners.items():
             self.listeners[name] = Listener(
-                listener_config, self.pools[listener_config.pool], self.log, loop
+                listener_config, self.pools[listener_config.pool], self.log, loop, self.on_events
             )
+
+    def start_health(self) -> None:
+        """Probes for pools with a [health] table; the timer of every pool's health machine."""
+        assert self._loop is not None
+        for name, pool in self.pools.items():
+            self.on_events(pool, pool.initial_events)
+            pool.initial_events = []
+            if pool.config.health is not None:
+                prober = Prober(pool, self._loop, self.on_events)
+                self.probers[name] = prober
+                prober.start()
+            self._arm_pool_timer(pool)
+
+    def stop_health(self) -> None:
+        for prober in self.probers.values():
+            prober.close()
+        for timer in self._pool_timers.values():
+            timer.cancel()
+        self._pool_timers.clear()
+
+    # --- health events -------------------------------------------------------------------
+
+    def on_events(self, pool: Pool, events: list[Event]) -> None:
+        """Log the core's events and act on them (close sessions, reschedule probes)."""
+        prober = self.probers.get(pool.name)
+        for event in events:
+            if isinstance(event, ServerStateChanged):
+                self.log.event(
+                    "server_state",
+                    event.reason,
+                    pool=event.pool,
+                    server=event.server,
+                    old=event.old.value,
+                    new=event.new.value,
+                )
+                if event.marked_down and pool.config.on_server_down == "close":
+                    self._close_server_sessions(pool, event.server)
+                if prober is not None:
+                    prober.reschedule(event.server)
+            elif isinstance(event, ServerEjected):
+                self.log.event(
+                    "server_ejected",
+                    "passive: consecutive connect failures",
+                    pool=event.pool,
+                    server=event.server,
+                    ejection=event.count,
+                    duration_s=round(event.duration, 3),
+                )
+            elif isinstance(event, EjectionSkipped):
+                self.log.event(
+                    "ejection_skipped",
+                    "not ejected: the pool's max_percent is reached",
+                    pool=event.pool,
+                    server=event.server,
+                    ejected=event.ejected,
+                    servers=event.total,
+                )
+            elif isinstance(event, PoolEmpty):
+                self.log.event(
+                    "pool_empty",
+                    "no healthy server: new clients are refused",
+                    pool=event.pool,
+                    servers=event.servers,
+                )
+            elif isinstance(event, PoolRecovered):
+                self.log.event(
+                    "pool_recovered",
+                    "a server is healthy again: serving",
+                    pool=event.pool,
+                    healthy=event.eligible,
+                )
+        self._arm_pool_timer(pool)
+
+    def _close_server_sessions(self, pool: Pool, server_name: str) -> None:
+        server = pool.servers.get(server_name)
+        if server is None:
+            return
+        for listener in self.listeners.values():
+            if listener.pool is pool:
+                for session in listener.sessions_of(server):
+                    session.close(TERM_SERVER_DOWN)
+
+    def _arm_pool_timer(self, pool: Pool) -> None:
+        """Keep one timer per pool at the health machine's next deadline (or the next
+        slow-start step)."""
+        loop = self._loop
+        if loop is None or self._stop_requested is None or self._stop_requested.is_set():
+            return
+        deadline = pool.next_deadline()
+        if pool.ramping:
+            step = loop.time() + SLOW_START_STEP
+            deadline = step if deadline is None else min(deadline, step)
+        old = self._pool_timers.pop(pool.name, None)
+        if old is not None:
+            old.cancel()
+        if deadline is not None:
+            self._pool_timers[pool.name] = loop.call_at(deadline, self._pool_tick, pool)
+
+    def _pool_tick(self, pool: Pool) -> None:
+        """Timer callback: run the pool's due health timers."""
+        self._pool_timers.pop(pool.name, None)
+        assert self._loop is not None
+        self.on_events(pool, pool.tick(self._loop.time()))
 
     @property
     def active_sessions(self) -> int:
@@ -81,6 +200,7 @@ class Runtime:
                 self.log.event(
                     "listening", listener=listener.name, address=address, pool=listener.pool.name
                 )
+        self.start_health()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "drain")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "now")
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -104,6 +224,7 @@ class Runtime:
     async def _stop(self, loop: asyncio.AbstractEventLoop) -> None:
         for listener in self.listeners.values():
             listener.stop_accepting()
+        self.stop_health()
         drain_timeout = self.config.global_.drain_timeout
         if self._stop_mode == "drain" and self.active_sessions:
             self.log.event(
