@@ -44,7 +44,8 @@ def bind_socket(address: str, backlog: int) -> socket.socket:
     """A listening TCP socket for ``IP:PORT`` or ``[IPv6]:PORT``."""
     endpoint = parse_endpoint(address, allow_names=False)
     family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only when it is given.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:

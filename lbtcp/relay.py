@@ -59,13 +59,6 @@ class SessionOwner(Protocol):
     def session_finished(self, session: Session) -> None: ...
 
 
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def reset_transport(transport: asyncio.BaseTransport) -> None:
     """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
     sock = transport.get_extra_info("socket")
@@ -306,7 +299,6 @@ class Session(asyncio.Protocol):
         self.server = server
         self.connect_ms = (monotonic() - self.started_at) * 1000.0
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
-        set_nodelay(transport)
         if self.upstream_paused:
             transport.pause_reading()
         # Unpause first: writing the held bytes may fill the server's buffer and pause the

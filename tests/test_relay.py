@@ -216,3 +216,26 @@ def test_large_transfer_with_tiny_socket_buffers(run: Any) -> None:
         server.close()
 
     run(scenario())
+
+
+def test_tcp_nodelay_is_on_for_both_sides(run: Any) -> None:
+    """Small request/response traffic must not wait on Nagle's algorithm on either side."""
+
+    async def scenario() -> None:
+        server, echo_port = await echo_server()
+        listener, address, _log = await start_listener([echo_port])
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        (session,) = listener.sessions
+        for transport in (session.client, session.upstream):
+            assert transport is not None
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        writer.close()
+        await wait_for(lambda: listener.active == 0)
+        await asyncio.sleep(0.05)  # let the echo server see its EOF and close
+        listener.stop_accepting()
+        server.close()
+
+    run(scenario())
