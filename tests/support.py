@@ -194,8 +194,10 @@ class Lbtcp:
             return [line for line in self.lines if regex.search(line)]
 
     def address(self, listener: str = "web") -> tuple[str, int]:
-        line = self.wait_line(rf"listening listener={listener} ")
-        match = re.search(r"address=\[?([0-9a-f.:]+?)\]?:(\d+)", line)
+        line = self.wait_line(
+            rf'listening listener={listener} |"kind": "listening", "listener": "{listener}"'
+        )
+        match = re.search(r'address(?:=|": ")\[?([0-9a-f.:]+?)\]?:(\d+)', line)
         assert match, line
         return match.group(1), int(match.group(2))
 

@@ -389,3 +389,39 @@ def test_serve_exits_1_when_the_port_is_in_use(tmp_path: os.PathLike[str]) -> No
     assert result.returncode == 1
     assert "cannot listen" in result.stderr
     assert errno.errorcode[errno.EADDRINUSE] in result.stderr or "in use" in result.stderr
+
+
+def test_json_access_log_has_every_field(start_lbtcp: StartLbtcp, backends: Backends) -> None:
+    import json
+
+    port = backends.echo()
+    lb = start_lbtcp(config([port], global_extra='log_format = "json"'))
+    assert roundtrip(lb.address(), b"hello json") == b"hello json"
+    line = lb.wait_line(r'"kind": "access"', 5)
+    record = json.loads(line)
+    assert record["listener"] == "web"
+    assert record["pool"] == "app"
+    assert record["server"] == f"127.0.0.1:{port}"
+    assert record["client"].startswith("127.0.0.1:")
+    assert (record["bytes_in"], record["bytes_out"], record["term"]) == (10, 10, "--")
+    assert record["connect_ms"] >= 0
+    assert record["duration_ms"] >= record["connect_ms"]
+    assert record["time"].endswith("Z")
+    start = json.loads(lb.wait_line(r'"kind": "start"'))
+    assert start["pid"] == lb.proc.pid
+
+
+def test_sigint_closes_live_sessions_at_once(start_lbtcp: StartLbtcp, backends: Backends) -> None:
+    port = backends.echo()
+    lb = start_lbtcp(config([port], global_extra='drain_timeout = "30s"'))
+    live = socket.create_connection(lb.address(), timeout=5)
+    live.sendall(b"x")
+    assert live.recv(1) == b"x"
+    started = time.monotonic()
+    lb.signal(signal.SIGINT)
+    assert lb.wait(10) == 0
+    assert time.monotonic() - started < 2.0  # did not wait for the 30 s drain
+    with contextlib.suppress(ConnectionResetError):
+        assert live.recv(10) == b""
+    live.close()
+    assert lb.matching(r"term=ST")
