@@ -105,6 +105,16 @@ class ServerConfig:
     def display_name(self) -> str:
         return self.name or self.address or self.srv
 
+    @property
+    def is_dynamic(self) -> bool:
+        """Found through DNS (a host name or SRV) rather than a fixed IP address."""
+        if self.srv:
+            return True
+        try:
+            return not parse_endpoint(self.address).is_ip
+        except AddressError:
+            return False
+
 
 @dataclass(frozen=True)
 class HealthConfig:
@@ -432,6 +442,17 @@ def _parse_listener(name: str, reader: _Reader) -> ListenerConfig:
     return result
 
 
+def _check_srv_name(reader: _Reader, srv: str) -> None:
+    labels = srv.rstrip(".").split(".")
+    if len(labels) < 3 or not labels[0].startswith("_") or not labels[1].startswith("_"):
+        reader.error(f"{srv!r} is not an SRV name such as '_app._tcp.example.internal'", "srv")
+        return
+    try:
+        parse_endpoint(f"{srv.replace('_', 'x')}:1")
+    except AddressError:
+        reader.error(f"{srv!r} is not a valid DNS name", "srv")
+
+
 def _parse_server(reader: _Reader) -> ServerConfig:
     address = reader.get("address", "", _str)
     srv = reader.get("srv", "", _str)
@@ -446,7 +467,9 @@ def _parse_server(reader: _Reader) -> ServerConfig:
     if address and srv:
         reader.error("has both 'address' and 'srv'; give one")
     elif srv:
-        reader.error("SRV discovery is not supported yet; use 'address'", "srv")
+        _check_srv_name(reader, srv)
+        if reader.has("weight"):
+            reader.error("is taken from the SRV records; remove it", "weight")
     elif not reader.has("address"):
         reader.error("is required (IP:PORT, [IPv6]:PORT or NAME:PORT)", "address")
     elif address:
@@ -457,11 +480,6 @@ def _parse_server(reader: _Reader) -> ServerConfig:
         else:
             if endpoint.port == 0:
                 reader.error(f"{address!r}: port 0 cannot be connected to", "address")
-            elif not endpoint.is_ip:
-                reader.error(
-                    f"{address!r}: servers named by DNS are not supported yet; use an IP",
-                    "address",
-                )
     reader.finish()
     return result
 

@@ -125,10 +125,10 @@ class Pool:
         "_primaries",
         "_ramping",
         "balancer",
-        "initial_events",
         "config",
         "hash_key",
         "health",
+        "initial_events",
         "name",
         "panic_threshold",
         "servers",
@@ -158,7 +158,10 @@ class Pool:
 
     @classmethod
     def from_config(cls, config: PoolConfig, *, now: float = 0.0) -> Pool:
-        return cls(config, (Server.from_config(s) for s in config.servers), now=now)
+        """The pool with its fixed-IP servers; servers named by DNS join through
+        ``discovery`` once their names resolve."""
+        static = (Server.from_config(s) for s in config.servers if not s.is_dynamic)
+        return cls(config, static, now=now)
 
     # --- membership ----------------------------------------------------------------------
 

@@ -15,14 +15,17 @@ import sys
 
 from lbtcp import __version__
 from lbtcp.config import Config
+from lbtcp.discovery import Discovery
 from lbtcp.events import (
     EjectionSkipped,
     Event,
     PoolEmpty,
     PoolRecovered,
+    ServerAdded,
     ServerEjected,
     ServerStateChanged,
 )
+from lbtcp.health import State
 from lbtcp.listener import Listener
 from lbtcp.log import Log
 from lbtcp.pool import Pool
@@ -46,6 +49,7 @@ class Runtime:
         self.probers: dict[str, Prober] = {}
         self._pool_timers: dict[str, asyncio.TimerHandle] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.discovery: Discovery | None = None
         self._stop_requested: asyncio.Event | None = None
         self._stop_mode = "drain"
 
@@ -83,7 +87,10 @@ class Runtime:
         """Log the core's events and act on them (close sessions, reschedule probes)."""
         prober = self.probers.get(pool.name)
         for event in events:
-            if isinstance(event, ServerStateChanged):
+            if isinstance(event, ServerAdded):
+                if prober is not None:
+                    prober.reschedule(event.server)
+            elif isinstance(event, ServerStateChanged):
                 self.log.event(
                     "server_state",
                     event.reason,
@@ -95,7 +102,10 @@ class Runtime:
                 if event.marked_down and pool.config.on_server_down == "close":
                     self._close_server_sessions(pool, event.server)
                 if prober is not None:
-                    prober.reschedule(event.server)
+                    if event.new is State.REMOVED:
+                        prober.forget(event.server)
+                    else:
+                        prober.reschedule(event.server)
             elif isinstance(event, ServerEjected):
                 self.log.event(
                     "server_ejected",
@@ -149,6 +159,12 @@ class Runtime:
         if pool.ramping:
             step = loop.time() + SLOW_START_STEP
             deadline = step if deadline is None else min(deadline, step)
+        current = self._pool_timers.get(pool.name)
+        if current is not None and deadline is not None and current.when() <= deadline:
+            # Keep the earlier timer (firing early is harmless: tick re-arms). Re-arming on
+            # every call would push a slow-start step back forever, since probe results call
+            # this more often than every SLOW_START_STEP and the ramp then never advances.
+            return
         old = self._pool_timers.pop(pool.name, None)
         if old is not None:
             old.cancel()
@@ -187,6 +203,8 @@ class Runtime:
         self._stop_requested = asyncio.Event()
         self.log.use_timer(loop.call_later)
         self.build(loop)
+        self.discovery = Discovery(self.config, self.pools, loop, self.log, self.on_events)
+        await self.discovery.start()
         try:
             for listener in self.listeners.values():
                 await listener.start()
@@ -194,6 +212,7 @@ class Runtime:
             self.log.event("error", f"cannot listen: {exc.strerror or exc}", error=str(exc))
             for listener in self.listeners.values():
                 listener.stop_accepting()
+            await self.discovery.close()
             return 1
         for listener in self.listeners.values():
             for address in listener.addresses:
@@ -225,6 +244,8 @@ class Runtime:
         for listener in self.listeners.values():
             listener.stop_accepting()
         self.stop_health()
+        if self.discovery is not None:
+            await self.discovery.close()
         drain_timeout = self.config.global_.drain_timeout
         if self._stop_mode == "drain" and self.active_sessions:
             self.log.event(
