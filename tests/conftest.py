@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.dns_server import dns_servers  # noqa: F401  (a fixture for every test module)
 from tests.support import Backends, EchoProcess, Lbtcp
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.dns_server import DOMAIN, Dnsmasq, dns_servers  # noqa: F401 (fixture)
+from tests.dns_server import DOMAIN, Dnsmasq
 from tests.support import Lbtcp, wait_until
 
 StartLbtcp = Callable[..., Lbtcp]
@@ -120,7 +120,7 @@ connect_timeout = "500ms"
 def test_three_a_records_become_three_servers_and_follow_changes(
     start_lbtcp: StartLbtcp,
     dns_servers: DnsFactory,
-    echoes: LoopbackEchoes,  # noqa: F811
+    echoes: LoopbackEchoes,
 ) -> None:
     ips = ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"]
     for ip in ips:
@@ -161,7 +161,7 @@ def test_three_a_records_become_three_servers_and_follow_changes(
 def test_min_ttl_clamps_requery_rate(
     start_lbtcp: StartLbtcp,
     dns_servers: DnsFactory,
-    echoes: LoopbackEchoes,  # noqa: F811
+    echoes: LoopbackEchoes,
 ) -> None:
     echoes.start("127.0.0.21")
     dns = dns_servers(host_records=[f"ttl.{DOMAIN},127.0.0.21,2"])
@@ -184,7 +184,7 @@ def test_min_ttl_clamps_requery_rate(
 def test_dns_outage_keeps_servers_and_logs_once(
     start_lbtcp: StartLbtcp,
     dns_servers: DnsFactory,
-    echoes: LoopbackEchoes,  # noqa: F811
+    echoes: LoopbackEchoes,
 ) -> None:
     echoes.start("127.0.0.31")
     dns = dns_servers(hosts={f"db.{DOMAIN}": ["127.0.0.31"]}, local_ttl=1)
@@ -219,7 +219,7 @@ def test_dns_outage_keeps_servers_and_logs_once(
 def test_srv_priorities_lower_is_primary(
     start_lbtcp: StartLbtcp,
     dns_servers: DnsFactory,
-    echoes: LoopbackEchoes,  # noqa: F811
+    echoes: LoopbackEchoes,
 ) -> None:
     for ip in ("127.0.0.41", "127.0.0.42"):
         echoes.start(ip)
@@ -251,7 +251,7 @@ def test_srv_priorities_lower_is_primary(
 def test_dns_down_at_start_refuses_then_serves(
     start_lbtcp: StartLbtcp,
     dns_servers: DnsFactory,
-    echoes: LoopbackEchoes,  # noqa: F811
+    echoes: LoopbackEchoes,
 ) -> None:
     echoes.start("127.0.0.51")
     dns = dns_servers(hosts={f"late.{DOMAIN}": ["127.0.0.51"]}, local_ttl=1, start=False)
