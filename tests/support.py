@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import os
 import re
 import signal
@@ -28,6 +29,26 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(0.005)
+
+
+def roundtrip(address: tuple[str, int], payload: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``payload``, half-close, and read until EOF. A reset reads as b"": a client that
+    lbtcp closes with bytes still unread in its socket gets an RST from the kernel instead of
+    a FIN, so either means "refused" to the tests."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        chunks = []
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:  # shutdown() after lbtcp already closed
+                raise
+            return b""
+        return b"".join(chunks)
 
 
 def closed_port() -> int:

@@ -16,30 +16,18 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support import Backends, EchoProcess, Lbtcp, closed_port, config, wait_until
+from tests.support import (
+    Backends,
+    EchoProcess,
+    Lbtcp,
+    closed_port,
+    config,
+    roundtrip,
+    wait_until,
+)
 
 StartLbtcp = Callable[..., Lbtcp]
 MiB = 1024 * 1024
-
-
-def roundtrip(address: tuple[str, int], payload: bytes, timeout: float = 5.0) -> bytes:
-    """Send ``payload``, half-close, and read until EOF. A reset reads as b"": a client that
-    lbtcp closes with bytes still unread in its socket gets an RST from the kernel instead of
-    a FIN, so either means "refused" to the tests."""
-    with socket.create_connection(address, timeout=timeout) as sock:
-        chunks = []
-        try:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except (ConnectionResetError, BrokenPipeError):
-            return b""
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:  # shutdown() after lbtcp already closed
-                raise
-            return b""
-        return b"".join(chunks)
 
 
 async def _echo_session(address: tuple[str, int], size: int) -> tuple[bytes, bytes]:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.dns_server import DOMAIN, Dnsmasq
-from tests.support import Lbtcp, wait_until
+from tests.support import Lbtcp, roundtrip, wait_until
 
 StartLbtcp = Callable[..., Lbtcp]
 DnsFactory = Callable[..., Dnsmasq]
@@ -83,16 +83,8 @@ def echoes() -> Iterator[LoopbackEchoes]:
 
 
 def ask(address: tuple[str, int], payload: bytes = b"hi") -> bytes:
-    with socket.create_connection(address, timeout=5) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        data = b""
-        try:
-            while chunk := sock.recv(4096):
-                data += chunk
-        except ConnectionResetError:
-            return b""
-        return data
+    """One session: the reply (the echoing server's address first), or b"" if refused."""
+    return roundtrip(address, payload)
 
 
 def dns_config(
