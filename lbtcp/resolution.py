@@ -53,19 +53,26 @@ c-ares keeps its own query cache, bounded by the answer's TTL, which pycares can
 A refresh at or after the TTL always misses it; a refresh that ``max_ttl`` brings before the
 TTL asks for a ``fresh`` lookup, which uses a throwaway channel. Names are looked up as given
 (no search domains, no /etc/hosts), as HAProxy's ``resolvers`` do; use fully qualified names.
+
+Notes on cancellation: the waits here use ``_bounded`` (``asyncio.wait`` with a timeout), not
+``asyncio.wait_for``, which before Python 3.12 loses a cancellation that arrives in the same
+loop iteration as the awaited result (CPython gh-86296). c-ares hands answers back from its
+own thread, so ``close()`` landing just as an answer arrives is an everyday race, and a
+refresh task that loses its cancellation there refreshes for ever and ``close()`` never
+returns. Each watcher lookup is also bounded as a whole (``lookup_timeout``), and ``close()``
+waits a bounded time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import ipaddress
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import aiodns
 import aiodns.error
@@ -117,6 +124,15 @@ EMPTY_REFRESH = 30.0
 # Floor on any refresh delay, so that min_ttl = 0 with a TTL of 0 (Consul's default) cannot
 # turn into a busy loop of queries.
 MIN_REFRESH = 0.1
+# How far beyond [resolver] timeout the watcher lets one lookup run before it counts it as a
+# timeout itself: above AioDnsResolver's own backstop (timeout + 1 s), so that the resolver's
+# more precise answer wins whenever the resolver works at all.
+LOOKUP_MARGIN = 1.5
+# How long a lookup that was given up on (timeout, or its refresh task cancelled) may take to
+# unwind, e.g. to close a throwaway channel, before it is left to finish on its own.
+UNWIND_GRACE = 1.0
+# How long close() waits for the refresh tasks it cancelled.
+CLOSE_GRACE = 2.0
 
 FAILURE_KINDS = ("nxdomain", "nodata", "servfail", "refused", "timeout", "unreachable", "error")
 QUERY_RESULTS = ("ok", *FAILURE_KINDS)
@@ -139,6 +155,50 @@ def record_types_for(family: str) -> tuple[RecordType, ...]:
     if family == "any":
         return (RecordType.A, RecordType.AAAA)
     raise ValueError(f"unknown address family {family!r} (ipv4, ipv6 or any)")
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded waits that never swallow a cancellation
+# --------------------------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _consume(future: asyncio.Future[_T]) -> None:
+    # Mark an abandoned future's exception as retrieved: nobody is left to read it, and an
+    # unread one is reported to the loop's exception handler when it is collected.
+    if not future.cancelled():
+        future.exception()
+
+
+async def _abandon(inner: asyncio.Future[_T]) -> None:
+    """Cancel ``inner`` and give it ``UNWIND_GRACE`` to finish; never waits longer."""
+    inner.cancel()
+    inner.add_done_callback(_consume)
+    if not inner.done():
+        await asyncio.wait((inner,), timeout=UNWIND_GRACE)
+
+
+async def _bounded(awaitable: Awaitable[_T], timeout: float) -> _T:
+    """Await ``awaitable`` for at most ``timeout`` seconds, else raise ``asyncio.TimeoutError``.
+
+    Not ``asyncio.wait_for``: before Python 3.12, when the awaiting task is cancelled in the
+    same loop iteration as the awaitable completes, ``wait_for`` returns the result and the
+    cancellation is lost (CPython gh-86296). That is exactly what happens when
+    ``DnsWatcher.close()`` cancels a refresh task while c-ares is handing back an answer, and
+    the refresh task then lives on forever. ``asyncio.wait`` lets the cancellation through
+    always; the awaitable is cancelled on the way out (timeout or cancellation alike).
+    """
+    inner = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait((inner,), timeout=timeout)
+    except BaseException:
+        await _abandon(inner)
+        raise
+    if not done:
+        await _abandon(inner)
+        raise asyncio.TimeoutError
+    return inner.result()
 
 
 # --------------------------------------------------------------------------------------------
@@ -732,7 +792,8 @@ class AioDnsResolver:
 
     async def _query(self, dns: aiodns.DNSResolver, name: str, rtype: RecordType) -> Answer:
         try:
-            result = await asyncio.wait_for(dns.query_dns(name, rtype.value), self._guard)
+            # _bounded(), not asyncio.wait_for: see _bounded() for the lost cancellation.
+            result = await _bounded(dns.query_dns(name, rtype.value), self._guard)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise ResolveError("timeout", f"no answer within {self._guard:g}s") from None
         except aiodns.error.DNSError as exc:
@@ -897,6 +958,10 @@ class DnsWatcher:
 
     ``query_counts`` counts lookups by result (``QUERY_RESULTS``) for the
     ``lbtcp_dns_queries_total{result}`` metric.
+
+    No lookup may hold a refresh up for ever (which would freeze a pool's membership without
+    a word): each is bounded by ``lookup_timeout`` (default ``timeout + LOOKUP_MARGIN``) and
+    counted as a ``timeout`` failure past it, whatever the resolver does.
     """
 
     def __init__(
@@ -910,6 +975,7 @@ class DnsWatcher:
         retry_base: float = 1.0,
         retry_cap: float = 30.0,
         use_tcp: bool = False,
+        lookup_timeout: float | None = None,
     ) -> None:
         self._config = resolver_config
         self._types = record_types_for(resolver_config.family)
@@ -919,6 +985,11 @@ class DnsWatcher:
         self._resolver: Resolver | None = resolver
         self._own_resolver = resolver is None
         self._use_tcp = use_tcp
+        self._lookup_timeout = (
+            lookup_timeout
+            if lookup_timeout is not None
+            else resolver_config.timeout + LOOKUP_MARGIN
+        )
         self._retry = RetryPolicy.for_config(resolver_config, base=retry_base, cap=retry_cap)
         self._slots: dict[_SlotKey, _Slot] = {}
         self._watches: dict[str, _Watch] = {}
@@ -1005,13 +1076,20 @@ class DnsWatcher:
                 return False
             waiters = [asyncio.ensure_future(event.wait()) for event in pending]
             try:
-                await asyncio.wait(waiters, timeout=remaining)
+                # FIRST_COMPLETED, then look again: a slot released meanwhile (unwatch, SRV
+                # targets that changed) never sets its event and must not be waited for.
+                await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for waiter in waiters:
                     waiter.cancel()
 
     async def close(self) -> None:
-        """Stop every refresh task and close the resolver if this watcher created it."""
+        """Stop every refresh task and close the resolver if this watcher created it.
+
+        Waits at most ``CLOSE_GRACE`` for the tasks to finish (a task still running then is
+        logged and left behind, never waited on for ever), and lets a cancellation of the
+        caller through instead of taking it for one of the tasks' own.
+        """
         if self._closed:
             return
         self._closed = True
@@ -1019,9 +1097,21 @@ class DnsWatcher:
         tasks += self._retired
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            # asyncio.wait, not "await task" under suppress(CancelledError): that would also
+            # swallow the CancelledError of the task calling close().
+            done, pending = await asyncio.wait(tasks, timeout=CLOSE_GRACE)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error(
+                        "DNS refresh task %s failed",
+                        task.get_name(),
+                        exc_info=task.exception(),
+                    )
+            for task in pending:
+                log.warning(
+                    "DNS refresh task %s did not stop within %gs", task.get_name(), CLOSE_GRACE
+                )
         if self._resolver is not None and self._own_resolver:
             await self._resolver.close()
 
@@ -1092,12 +1182,15 @@ class DnsWatcher:
 
     async def _refresh_loop(self, slot: _Slot) -> None:
         entry = slot.entry
-        while True:
+        # The checks of _closed are a second line behind task.cancel(): a cancellation lost
+        # anywhere below (a resolver built on asyncio.wait_for, say) must not keep the task
+        # refreshing after close().
+        while not self._closed:
             now = self._now()
             if entry.query_due(now):
                 outcome = await self._lookup(slot.name, slot.rtype, entry.wants_fresh(now))
-                if self._slots.get((slot.name, slot.rtype)) is not slot:
-                    return  # released while the query was in flight
+                if self._closed or self._slots.get((slot.name, slot.rtype)) is not slot:
+                    return  # closed or released while the query was in flight
                 now = self._now()
                 if isinstance(outcome, Answer):
                     update = entry.on_answer(outcome.records, outcome.ttl, now)
@@ -1113,7 +1206,13 @@ class DnsWatcher:
     async def _lookup(self, name: str, rtype: RecordType, fresh: bool) -> Answer | ResolveError:
         assert self._resolver is not None
         try:
-            answer = await self._resolver.query(name, rtype, fresh=fresh)
+            answer = await _bounded(
+                self._resolver.query(name, rtype, fresh=fresh), self._lookup_timeout
+            )
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            self.query_counts["timeout"] += 1
+            log.warning("DNS %s %s: no result within %gs", rtype.value, name, self._lookup_timeout)
+            return ResolveError("timeout", f"no result within {self._lookup_timeout:g}s")
         except ResolveError as exc:
             self.query_counts[exc.kind] += 1
             return exc

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
+import pycares
 import pytest
 import uvloop
 from hypothesis import given, settings
@@ -634,6 +635,178 @@ def test_watcher_single_family_nodata_is_a_failure(run_asyncio: Runner) -> None:
         await watcher.close()
 
     run_asyncio(main())
+
+
+class StuckResolver:
+    """Never answers: a lookup ends only by being cancelled (counted in ``cancelled``)."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.cancelled = 0
+
+    async def query(self, name: str, rtype: RecordType, *, fresh: bool = False) -> Answer:
+        self.started += 1
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        pass
+
+
+class SwallowingResolver:
+    """Answers only when cancelled, and then as if nothing happened: what ``asyncio.wait_for``
+    did before Python 3.12 when a cancellation met an answer that was already there."""
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    async def query(self, name: str, rtype: RecordType, *, fresh: bool = False) -> Answer:
+        self.started += 1
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.get_running_loop().create_future()
+        return _answer("10.0.0.1")
+
+    async def close(self) -> None:
+        pass
+
+
+class StubbornResolver:
+    """Ignores every cancellation until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.release = asyncio.Event()
+
+    async def query(self, name: str, rtype: RecordType, *, fresh: bool = False) -> Answer:
+        self.started += 1
+        while not self.release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.release.wait()
+        return _answer("10.0.0.1")
+
+    async def close(self) -> None:
+        pass
+
+
+def _tasks_left(baseline: set[asyncio.Task[Any]]) -> Callable[[], bool]:
+    return lambda: not (asyncio.all_tasks() - baseline)
+
+
+def test_a_lookup_that_never_returns_counts_as_a_timeout(run: Runner) -> None:
+    """A refresh stuck in its resolver would freeze a pool's membership: each lookup is
+    bounded by lookup_timeout, counted as a timeout, retried, and cancelled (not leaked)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        baseline = asyncio.all_tasks()
+        resolver = StuckResolver()
+        rec = Recorder()
+        watcher = rec.watcher(FAST, resolver=resolver, retry_base=0.1, lookup_timeout=0.2)
+        watcher.watch_name("k", "db.test", 80, 1, False)
+        started = loop.time()
+        await watcher.start(ready_timeout=5.0)
+        assert 0.2 <= loop.time() - started < 1.0  # the bound, not ready_timeout, ended it
+        assert watcher.query_counts["timeout"] == 1
+        assert resolver.cancelled == 1
+        assert [(e.name, e.kind) for _, e in rec.of(DnsFailure)] == [("db.test", "timeout")]
+        await wait_for(lambda: watcher.query_counts["timeout"] >= 2, 2.0, "a retry to time out")
+        await watcher.close()
+        assert resolver.cancelled == resolver.started  # the one in flight too
+        await wait_for(_tasks_left(baseline), 2.0, "every task to finish")
+
+    run(main())
+
+
+def test_close_stops_a_refresh_even_if_its_lookup_swallows_the_cancellation(
+    run: Runner,
+) -> None:
+    """The hang seen against dnsmasq, without the timing luck: the cancellation that close()
+    sends is lost inside the lookup, which returns an answer instead."""
+
+    async def main() -> None:
+        baseline = asyncio.all_tasks()
+        resolver = SwallowingResolver()
+        watcher = Recorder().watcher(FAST, resolver=resolver, lookup_timeout=5.0)
+        watcher.watch_name("k", "db.test", 80, 1, False)
+        await watcher.start(wait=False)
+        await wait_for(lambda: resolver.started == 1, 2.0, "the first lookup")
+        closing = asyncio.ensure_future(watcher.close())
+        done, _ = await asyncio.wait((closing,), timeout=1.0)
+        assert done, "close() did not return"
+        await wait_for(_tasks_left(baseline), 1.0, "every task to finish")
+        assert resolver.started == 1  # no refresh after close()
+
+    run(main())
+
+
+def test_close_lets_the_callers_cancellation_through(run: Runner) -> None:
+    """close() waiting on a slow-to-stop refresh must not take its caller's cancellation for
+    the refresh task's own (the old close() swallowed it and kept waiting)."""
+
+    async def main() -> None:
+        baseline = asyncio.all_tasks()
+        resolver = StubbornResolver()
+        watcher = Recorder().watcher(FAST, resolver=resolver, lookup_timeout=5.0)
+        watcher.watch_name("k", "db.test", 80, 1, False)
+        await watcher.start(wait=False)
+        await wait_for(lambda: resolver.started == 1, 2.0, "the first lookup")
+        closing = asyncio.ensure_future(watcher.close())
+        await asyncio.sleep(0)  # close() has cancelled the refresh task and waits for it
+        assert not closing.done()
+        closing.cancel()
+        done, _ = await asyncio.wait((closing,), timeout=1.0)
+        assert done and closing.cancelled()
+        resolver.release.set()
+        await wait_for(_tasks_left(baseline), 2.0, "every task to finish")
+        assert resolver.started == 1
+
+    run(main())
+
+
+def test_resolver_lets_a_cancellation_through_when_the_answer_is_ready(
+    run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race behind the hang: the query's task is cancelled (by close()) in the same loop
+    iteration as c-ares hands the answer back. asyncio.wait_for before Python 3.12 returned
+    the answer and lost the cancellation (CPython gh-86296). The answer is handed over by
+    hand here (as aiodns' callback does) because real sockets cannot hit one loop iteration
+    on purpose; the dnsmasq tests below hit it by chance."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        resolver = AioDnsResolver(ResolverConfig(nameservers=("127.0.0.1:1",)))  # never used
+        answer: asyncio.Future[pycares.DNSResult] = loop.create_future()
+        asked: list[str] = []
+
+        def query_dns(host: str, qtype: str) -> asyncio.Future[pycares.DNSResult]:
+            asked.append(host)
+            return answer
+
+        monkeypatch.setattr(resolver._dns, "query_dns", query_dns)
+        query = asyncio.ensure_future(resolver.query("x.test", RecordType.A))
+        await wait_for(lambda: bool(asked), 1.0, "the query to be sent")
+        record = pycares.DNSRecord(
+            "x.test",
+            pycares.QUERY_TYPE_A,
+            pycares.QUERY_CLASS_IN,
+            5,
+            pycares.ARecordData("10.0.0.1"),
+        )
+        answer.set_result(pycares.DNSResult([record], [], []))
+        query.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await query
+        # The same query without the cancellation gets its answer: the fake is faithful.
+        answer = loop.create_future()
+        answer.set_result(pycares.DNSResult([record], [], []))
+        assert (await resolver.query("x.test", RecordType.A)).records.addresses == ("10.0.0.1",)
+        await resolver.close()
+
+    run(main())
 
 
 # ============================================================================================
