@@ -127,7 +127,11 @@ class Runtime:
             elif isinstance(event, PoolEmpty):
                 self.log.event(
                     "pool_empty",
-                    "no healthy server: new clients are refused",
+                    # With a panic threshold the clients are not refused but spread over
+                    # every primary (pool.py rule 4): say so rather than mislead.
+                    "no healthy server: panic, new clients go to any primary"
+                    if pool.panic_threshold
+                    else "no healthy server: new clients are refused",
                     pool=event.pool,
                     servers=event.servers,
                 )

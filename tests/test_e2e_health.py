@@ -675,6 +675,9 @@ def test_panic_threshold_spreads_over_unhealthy_servers(
         )
     )
     address = lb.address()
+    # Every server starts unknown, so the pool starts empty; the line says what that means.
+    empty = lb.wait_line(r"pool_empty ", 5)
+    assert ("panic, new clients go to any primary" in empty) == spread, empty
     lb.wait_line(state_pattern("sick1", "unhealthy"), 5)
     lb.wait_line(state_pattern("sick2", "unhealthy"), 5)
     lb.wait_line(state_pattern("good", "healthy"), 5)
