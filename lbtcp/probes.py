@@ -75,10 +75,10 @@ async def probe_once(
             return ProbeResult.FAIL, "connection refused"
         except OSError as exc:
             return ProbeResult.FAIL, f"connect failed: {exc.strerror or exc}"
-        if not health.expect:
-            return ProbeResult.OK, "connected"
         if health.send:
             transport.write(health.send)
+        if not health.expect:
+            return ProbeResult.OK, "connected"
         return await done
 
     try:
@@ -88,7 +88,12 @@ async def probe_once(
         return ProbeResult.TIMEOUT, f"{what} timed out after {health.timeout:g}s"
     finally:
         if transport is not None and not transport.is_closing():
-            reset_transport(transport)
+            if health.send and not health.expect:
+                # Nothing to wait for, but the bytes must reach the server: a graceful
+                # close flushes them first (an RST could discard them).
+                transport.close()
+            else:
+                reset_transport(transport)
 
 
 class Prober:
