@@ -24,13 +24,14 @@ the I/O layer to log and act on. Nothing here touches sockets or reads the clock
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterable, Sequence
 
 from lbtcp.addresses import Endpoint, parse_endpoint
 from lbtcp.balancing import Balancer, Client, create_balancer
 from lbtcp.config import PoolConfig, ServerConfig
-from lbtcp.events import Event, ServerAdded, ServerStateChanged
+from lbtcp.events import Event, PoolEmpty, ServerAdded, ServerStateChanged
 from lbtcp.health import Admin, AdminAction, PoolHealth, ProbeResult
 
 
@@ -191,6 +192,12 @@ class Pool:
         self._primaries = [s for s in self.servers.values() if not s.backup]
         self._backups = [s for s in self.servers.values() if s.backup]
         self.balancer.update(list(self.servers.values()))
+        # The health machine reports an empty pool as soon as the first server is added (it
+        # is not eligible before its probes pass); report the pool's real size instead.
+        events = [
+            dataclasses.replace(e, servers=len(self.servers)) if isinstance(e, PoolEmpty) else e
+            for e in events
+        ]
         return self._sync(events, now)
 
     # --- health inputs -------------------------------------------------------------------

@@ -947,3 +947,20 @@ class HealthMachine(RuleBasedStateMachine):
 
 HealthMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
 TestHealthMachine = HealthMachine.TestCase
+
+
+def test_pool_reports_its_real_size_when_empty_at_start() -> None:
+    """With initial = "unknown" nothing is eligible at start: one PoolEmpty naming all servers."""
+    from lbtcp.config import PoolConfig, ServerConfig
+    from lbtcp.events import PoolEmpty
+    from lbtcp.pool import Pool
+
+    config = PoolConfig(
+        name="app",
+        servers=tuple(ServerConfig(address=f"127.0.0.1:{port}") for port in (1, 2, 3)),
+        health=HealthConfig(),
+    )
+    pool = Pool.from_config(config, now=0.0)
+    empties = [e for e in pool.initial_events if isinstance(e, PoolEmpty)]
+    assert len(empties) == 1
+    assert empties[0].servers == 3
