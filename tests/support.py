@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+
+import pytest
 
 T = TypeVar("T")
 
@@ -49,6 +53,33 @@ def roundtrip(address: tuple[str, int], payload: bytes, timeout: float = 5.0) ->
                 raise
             return b""
         return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def blackhole() -> Iterator[int]:
+    """A port whose connects hang: a listener with backlog 0 whose queue is already full, so
+    the kernel drops further SYNs (as a firewall DROP or a dead host would)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = int(listener.getsockname()[1])
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(16):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+            _, writable, _ = select.select([], [filler], [], 0.2)
+            if not writable:  # this handshake did not complete: the queue is full
+                break
+        else:
+            pytest.fail("could not fill the accept queue of the blackhole listener")
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
 
 
 def closed_port() -> int:

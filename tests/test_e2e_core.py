@@ -20,6 +20,7 @@ from tests.support import (
     Backends,
     EchoProcess,
     Lbtcp,
+    blackhole,
     closed_port,
     config,
     roundtrip,
@@ -191,29 +192,13 @@ def test_all_servers_refusing_closes_clients_quickly_with_cr(start_lbtcp: StartL
 
 
 def test_connect_timeout_logs_ct(start_lbtcp: StartLbtcp) -> None:
-    # A listening socket whose backlog is full: further SYNs are dropped, connects time out.
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    port = blackhole.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(3):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            fillers.append(filler)
-        time.sleep(0.2)
+    with blackhole() as port:
         lb = start_lbtcp(config([port], pool_extra='retries = 0\nconnect_timeout = "300ms"'))
         started = time.monotonic()
         assert roundtrip(lb.address(), b"hi") == b""
         elapsed = time.monotonic() - started
         assert 0.25 < elapsed < 2.0
         lb.wait_line(r"term=CT", 5)
-    finally:
-        for filler in fillers:
-            filler.close()
-        blackhole.close()
 
 
 @pytest.mark.parametrize("mode", ["close", "reset", "banner"])

@@ -18,7 +18,6 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import select
 import socket
 import threading
 import time
@@ -29,7 +28,7 @@ from typing import cast
 
 import pytest
 
-from tests.support import Backends, Echo, Lbtcp, wait_until
+from tests.support import Backends, Echo, Lbtcp, blackhole, wait_until
 
 StartLbtcp = Callable[..., Lbtcp]
 
@@ -141,33 +140,6 @@ def stop_server(backends: Backends, port: int) -> None:
         server.close()
 
     backends.call(close())
-
-
-@contextlib.contextmanager
-def blackhole() -> Iterator[int]:
-    """A port whose connects hang: a listener with backlog 0 whose queue is already full, so
-    the kernel drops further SYNs (as a firewall DROP or a dead host would)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = int(listener.getsockname()[1])
-    fillers: list[socket.socket] = []
-    try:
-        for _ in range(16):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            fillers.append(filler)
-            _, writable, _ = select.select([], [filler], [], 0.2)
-            if not writable:  # this handshake did not complete: the queue is full
-                break
-        else:
-            pytest.fail("could not fill the accept queue of the blackhole listener")
-        yield port
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()
 
 
 # --- clients ---------------------------------------------------------------------------------

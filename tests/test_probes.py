@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 import uvloop
@@ -11,7 +10,7 @@ import uvloop
 from lbtcp.config import HealthConfig
 from lbtcp.health import ProbeResult
 from lbtcp.probes import probe_once
-from tests.support import closed_port
+from tests.support import blackhole, closed_port
 
 
 def run(coro: object) -> object:
@@ -91,26 +90,11 @@ def test_send_without_expect_still_delivers_the_bytes() -> None:
 
 
 def test_connect_timeout_to_a_full_backlog() -> None:
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    port = blackhole.getsockname()[1]
-    fillers = []
-    for _ in range(3):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(("127.0.0.1", port))
-        fillers.append(filler)
-
-    async def scenario() -> None:
+    async def scenario(port: int) -> None:
         health = HealthConfig(timeout=0.2)
         loop = asyncio.get_running_loop()
         result = await probe_once(loop, "127.0.0.1", port, health)
         assert result == (ProbeResult.TIMEOUT, "connect timed out after 0.2s")
 
-    try:
-        run(scenario())
-    finally:
-        for filler in fillers:
-            filler.close()
-        blackhole.close()
+    with blackhole() as port:
+        run(scenario(port))

@@ -22,6 +22,7 @@ from lbtcp.config import ListenerConfig, PoolConfig, ServerConfig
 from lbtcp.listener import Listener
 from lbtcp.log import Log
 from lbtcp.pool import Pool
+from tests.support import blackhole
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -39,27 +40,6 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()
     assert not errors, f"the loop's exception handler was called: {errors}"
-
-
-class Blackhole:
-    """A listener with a full backlog: connects to it hang until they time out."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        self.port = self.sock.getsockname()[1]
-        self.fillers = []
-        for _ in range(3):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", self.port))
-            self.fillers.append(filler)
-
-    def close(self) -> None:
-        for filler in self.fillers:
-            filler.close()
-        self.sock.close()
 
 
 async def echo_server() -> tuple[asyncio.AbstractServer, int]:
@@ -106,12 +86,11 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 def test_client_fin_before_server_connect_is_held_and_forwarded(run: Any) -> None:
     async def scenario() -> None:
-        blackhole = Blackhole()
         server, echo_port = await echo_server()
         # First choice (round robin) is the blackhole: the connect hangs for 200 ms, then the
         # retry reaches the echo server. The client's data and FIN arrive during the hang.
         listener, address, log = await start_listener(
-            [blackhole.port, echo_port], retries=1, connect_timeout=0.2
+            [hole, echo_port], retries=1, connect_timeout=0.2
         )
         reader, writer = await asyncio.open_connection(*address)
         payload = os.urandom(100_000)
@@ -124,15 +103,14 @@ def test_client_fin_before_server_connect_is_held_and_forwarded(run: Any) -> Non
         assert "term=--" in log.getvalue()
         listener.stop_accepting()
         server.close()
-        blackhole.close()
 
-    run(scenario())
+    with blackhole() as hole:
+        run(scenario())
 
 
 def test_client_reset_before_server_connect_leaves_nothing_behind(run: Any) -> None:
     async def scenario() -> None:
-        blackhole = Blackhole()
-        listener, address, log = await start_listener([blackhole.port], connect_timeout=0.3)
+        listener, address, log = await start_listener([hole], connect_timeout=0.3)
         for _ in range(20):
             sock = socket.create_connection(address)
             sock.sendall(b"early bytes")
@@ -142,9 +120,9 @@ def test_client_reset_before_server_connect_leaves_nothing_behind(run: Any) -> N
         await wait_for(lambda: listener.active == 0)
         assert log.getvalue().count(" access ") == 20
         listener.stop_accepting()
-        blackhole.close()
 
-    run(scenario())
+    with blackhole() as hole:
+        run(scenario())
 
 
 def test_connection_churn_with_early_fin_and_rst(run: Any) -> None:

@@ -709,7 +709,9 @@ def test_a_lookup_that_never_returns_counts_as_a_timeout(run: Runner) -> None:
         watcher.watch_name("k", "db.test", 80, 1, False)
         started = loop.time()
         await watcher.start(ready_timeout=5.0)
-        assert 0.2 <= loop.time() - started < 1.0  # the bound, not ready_timeout, ended it
+        # The bound, not ready_timeout, ended it (uvloop's clock is cached per iteration, in
+        # whole milliseconds: a few ms of slack below).
+        assert 0.18 <= loop.time() - started < 1.0
         assert watcher.query_counts["timeout"] == 1
         assert resolver.cancelled == 1
         assert [(e.name, e.kind) for _, e in rec.of(DnsFailure)] == [("db.test", "timeout")]
