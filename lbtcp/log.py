@@ -8,7 +8,6 @@ listener does not make one ``write`` system call per session.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -95,9 +94,3 @@ class Log:
             self._pending.clear()
             self._write(text)
 
-
-def stderr_is_pipe() -> bool:
-    try:
-        return not os.isatty(sys.stderr.fileno())
-    except (OSError, ValueError):
-        return True

@@ -28,7 +28,7 @@ import contextlib
 import socket
 import struct
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 if TYPE_CHECKING:
     from lbtcp.pool import Server
@@ -392,8 +392,3 @@ class Session(asyncio.Protocol):
     def duration_ms(self) -> float:
         return (monotonic() - self.started_at) * 1000.0
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "client": f"{self.client_ip}:{self.client_port}",
-            "server": self.server.name if self.server else "-",
-        }
