@@ -238,7 +238,9 @@ class Listener:
         if timeout <= 0:
             raise ConnectTimeout()
         loop = self.loop
-        task = asyncio.current_task()
+        # The session's own connect task (asyncio.current_task() would cost a getpid()
+        # system call per attempt on Python < 3.12).
+        task = session.connect_task
         assert task is not None
         timed_out = False
 
