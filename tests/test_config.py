@@ -253,3 +253,57 @@ def test_lbtcp_check_reports_every_error_and_exits_2(tmp_path: Path) -> None:
     assert "listeners.web.pool: no pool named 'nope'" in result.stderr
     assert "global.foo: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("resolver", "message"),
+    [
+        ({"nameservers": ["dns.example:53"]}, "resolver.nameservers: 'dns.example:53'"),
+        ({"nameservers": "127.0.0.1"}, "resolver.nameservers: expected a list"),
+        ({"nameservers": ["127.0.0.1:0"]}, "port 0 is not a nameserver port"),
+        ({"timeout": "0s"}, "resolver.timeout: must be more than 0"),
+        ({"min_ttl": "10m", "max_ttl": "5m"}, "min_ttl (600.0s) is above max_ttl (300.0s)"),
+        ({"family": "ipv5"}, "resolver.family: 'ipv5' is not one of"),
+        ({"stale_for": -1}, "resolver.stale_for: -1 must be a finite, non-negative duration"),
+    ],
+)
+def test_resolver_errors(resolver: dict[str, Any], message: str) -> None:
+    errors = errors_of(minimal(resolver=resolver))
+    assert len(errors) == 1
+    assert message in errors[0]
+
+
+def test_resolver_accepts_nameservers_with_and_without_ports() -> None:
+    config = parse_config(
+        minimal(resolver={"nameservers": ["10.0.0.2", "10.0.0.3:5353", "[::1]:53"]})
+    )
+    assert config.resolver.nameservers == ("10.0.0.2", "10.0.0.3:5353", "[::1]:53")
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ({"srv": "_app._tcp.example.internal", "address": "10.0.0.1:1"}, "has both"),
+        ({"srv": "app.example.internal"}, "is not an SRV name"),
+        ({"srv": "_app._tcp.example.internal", "weight": 3}, "taken from the SRV records"),
+        ({"address": "db..internal:5432"}, "has a bad host name"),
+    ],
+)
+def test_dns_server_entry_errors(server: dict[str, Any], message: str) -> None:
+    data = minimal()
+    data["pools"]["app"]["servers"] = [server]
+    errors = errors_of(data)
+    assert len(errors) == 1
+    assert errors[0].startswith("pools.app.servers[0]")
+    assert message in errors[0]
+
+
+def test_names_and_srv_are_dynamic_servers() -> None:
+    data = minimal()
+    data["pools"]["app"]["servers"] = [
+        {"address": "db.internal:5432"},
+        {"srv": "_pg._tcp.db.internal", "backup": True},
+        {"address": "10.0.0.1:5432"},
+    ]
+    servers = parse_config(data).pools["app"].servers
+    assert [s.is_dynamic for s in servers] == [True, True, False]

@@ -398,3 +398,24 @@ def test_sigint_closes_live_sessions_at_once(start_lbtcp: StartLbtcp, backends: 
         assert live.recv(10) == b""
     live.close()
     assert lb.matching(r"term=ST")
+
+
+def test_allow_list_and_listener_connection_limit(
+    start_lbtcp: StartLbtcp, backends: Backends
+) -> None:
+    port = backends.echo()
+    outside = start_lbtcp(config([port], listener_extra='allow = ["10.0.0.0/8"]'))
+    assert roundtrip(outside.address(), b"x") == b""
+    outside.wait_line(r"term=AC", 5)
+
+    inside = start_lbtcp(
+        config([port], listener_extra='allow = ["127.0.0.0/8"]\nmax_connections = 1')
+    )
+    assert roundtrip(inside.address(), b"in") == b"in"
+    held = socket.create_connection(inside.address(), timeout=5)
+    held.sendall(b"a")
+    assert held.recv(1) == b"a"
+    assert roundtrip(inside.address(), b"second") == b""  # the listener is full
+    inside.wait_line(r"term=LM", 5)
+    held.close()
+    wait_until(lambda: roundtrip(inside.address(), b"y") == b"y", 5, "the slot to free up")
