@@ -167,8 +167,8 @@ class _SmoothWeights:
         return best
 
 
-class RoundRobin:
-    """``round_robin``: smooth weighted round robin, as nginx."""
+class _SmoothBalancer:
+    """The state and ``update`` of the balancers built on :class:`_SmoothWeights`."""
 
     __slots__ = ("_smooth",)
 
@@ -176,8 +176,15 @@ class RoundRobin:
         self._smooth = _SmoothWeights()
 
     def update(self, servers: Sequence[Candidate]) -> None:
-        """Drop the state of servers that are gone; the others keep their place in the cycle."""
+        """Drop the round-robin state of servers that are gone; the others keep their place in
+        the cycle."""
         self._smooth.retain({s.name for s in servers})
+
+
+class RoundRobin(_SmoothBalancer):
+    """``round_robin``: smooth weighted round robin, as nginx."""
+
+    __slots__ = ()
 
     def pick(self, candidates: Sequence[CandidateT], client: Client) -> CandidateT | None:
         """The candidate with the most accumulated credit."""
@@ -186,7 +193,7 @@ class RoundRobin:
         return self._smooth.choose(candidates)
 
 
-class LeastConnections:
+class LeastConnections(_SmoothBalancer):
     """``least_connections``: fewest active sessions relative to weight.
 
     Ties (common: every server idle) are broken by smooth weighted round robin among the tied
@@ -194,14 +201,7 @@ class LeastConnections:
     in config order taking every short-lived session.
     """
 
-    __slots__ = ("_smooth",)
-
-    def __init__(self) -> None:
-        self._smooth = _SmoothWeights()
-
-    def update(self, servers: Sequence[Candidate]) -> None:
-        """Drop the tie-break state of servers that are gone."""
-        self._smooth.retain({s.name for s in servers})
+    __slots__ = ()
 
     def pick(self, candidates: Sequence[CandidateT], client: Client) -> CandidateT | None:
         """A candidate with the least ``active / effective_weight``."""
@@ -232,7 +232,19 @@ def _load(candidate: Candidate) -> float:
     return candidate.active / weight if weight > 0 else math.inf
 
 
-class RandomTwo:
+class _RandomBalancer:
+    """The state and ``update`` of the random balancers: their own seedable generator."""
+
+    __slots__ = ("_rng",)
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+
+    def update(self, servers: Sequence[Candidate]) -> None:
+        """Nothing to precompute: each pick draws from that pick's candidates."""
+
+
+class RandomTwo(_RandomBalancer):
     """``random_two``: the power of two choices (Mitzenmacher) on ``active / effective_weight``.
 
     Two distinct candidates are sampled in proportion to their weights and the less loaded one
@@ -241,13 +253,7 @@ class RandomTwo:
     loaded server, which matters when several workers decide from stale counts.
     """
 
-    __slots__ = ("_rng",)
-
-    def __init__(self, seed: int | None = None) -> None:
-        self._rng = random.Random(seed)
-
-    def update(self, servers: Sequence[Candidate]) -> None:
-        """Nothing to precompute: the sample is drawn from the candidates of each pick."""
+    __slots__ = ()
 
     def pick(self, candidates: Sequence[CandidateT], client: Client) -> CandidateT | None:
         """The less loaded of two weighted samples."""
@@ -275,16 +281,10 @@ class RandomTwo:
         return b if _load(b) < _load(a) else a
 
 
-class WeightedRandom:
+class WeightedRandom(_RandomBalancer):
     """``random``: a candidate drawn in proportion to its weight."""
 
-    __slots__ = ("_rng",)
-
-    def __init__(self, seed: int | None = None) -> None:
-        self._rng = random.Random(seed)
-
-    def update(self, servers: Sequence[Candidate]) -> None:
-        """Nothing to precompute."""
+    __slots__ = ()
 
     def pick(self, candidates: Sequence[CandidateT], client: Client) -> CandidateT | None:
         """A weighted random candidate."""

@@ -93,4 +93,3 @@ class Log:
             text = "".join(self._pending)
             self._pending.clear()
             self._write(text)
-

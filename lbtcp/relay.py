@@ -391,4 +391,3 @@ class Session(asyncio.Protocol):
 
     def duration_ms(self) -> float:
         return (monotonic() - self.started_at) * 1000.0
-

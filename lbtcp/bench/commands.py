@@ -281,28 +281,22 @@ _loop = click.option(
 )
 
 
-@click.command("echo")
-@_ports
-@_host
-@_loop
-def echo(ports: tuple[int, ...], host: str, loop_kind: str) -> None:
-    """Run echo servers on each PORT (0 = a free port) until SIGINT/SIGTERM.
+def _server_command(kind: str, what: str) -> click.Command:
+    """The ``echo`` or ``sink`` command: run ``what`` on each PORT until a signal."""
 
-    Prints "echo listening on HOST:PORT" to stderr for each port once it listens.
+    def command(ports: tuple[int, ...], host: str, loop_kind: str) -> None:
+        _serve(kind, host, ports, loop_kind)
+
+    # click takes the help text from the docstring.
+    command.__doc__ = f"""Run {what} on each PORT (0 = a free port) until SIGINT/SIGTERM.
+
+    Prints "{kind} listening on HOST:PORT" to stderr for each port once it listens.
     """
-    _serve("echo", host, ports, loop_kind)
+    return click.command(kind)(_ports(_host(_loop(command))))
 
 
-@click.command("sink")
-@_ports
-@_host
-@_loop
-def sink(ports: tuple[int, ...], host: str, loop_kind: str) -> None:
-    """Run sinks (read and discard) on each PORT (0 = a free port) until SIGINT/SIGTERM.
-
-    Prints "sink listening on HOST:PORT" to stderr for each port once it listens.
-    """
-    _serve("sink", host, ports, loop_kind)
+echo = _server_command("echo", "echo servers")
+sink = _server_command("sink", "sinks (read and discard)")
 
 
 @click.group("lbtcp-bench")

@@ -51,7 +51,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from lbtcp.addresses import format_address, parse_endpoint
 from lbtcp.bench.report import Tally
@@ -190,40 +190,87 @@ class _Slot:
         return offset
 
 
-class _Client(Protocol):
-    """What the run needs of every client protocol: stop, timeouts, and a closed future."""
+class _Client(asyncio.BaseProtocol):
+    """What the run needs of every client protocol (stop, timeouts, a closed future), and the
+    teardown they share: failing, stopping and losing the connection.
 
-    closed: asyncio.Future[None]
-    failed: bool
+    ``_pending`` is the one callback a client may have scheduled (the next send of an echo
+    client, the next pump batch of a stream client); every way out cancels it.
+    """
 
-    def stop(self) -> None: ...
+    __slots__ = ("_done", "_pending", "_run", "closed", "failed", "transport")
 
-    def check_timeout(self, now: float, timeout: float) -> None: ...
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._pending: asyncio.Handle | None = None
+        self._done = False  # no more errors or requests: failed, finished or stopped
+        self.failed = False
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = run.loop.create_future()
 
-    def buffered(self) -> int: ...
+    def eof_received(self) -> bool:
+        """The server closed its side early: before the full echo, on a kept-open echo
+        connection, or a sink (a stream never ends on its own)."""
+        self._fail("short_read")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Called once when the connection is gone; wakes the worker."""
+        if not self._done:
+            self._fail("short_read" if exc is None else classify(exc))
+        self._cancel_pending()
+        self.transport = None
+        self._run.active.discard(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _fail(self, kind: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.failed = True
+        self._run.error(kind)
+        self._cancel_pending()
+        if self.transport is not None:
+            self.transport.abort()  # nothing worth flushing to a broken or lying peer
+
+    def _cancel_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+    def stop(self) -> None:
+        """The run is over: drop the connection without counting anything."""
+        self._done = True
+        self._cancel_pending()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def check_timeout(self, now: float, timeout: float) -> None:
+        """Called by the sweeper: fail the client if it has waited for longer than ``timeout``."""
+        raise NotImplementedError
+
+    def buffered(self) -> int:
+        """Bytes written to the transport but not yet handed to the kernel, at the window's
+        edges (they were written before it, or will leave after it)."""
+        raise NotImplementedError
 
 
-class _EchoClient(asyncio.BufferedProtocol):
+class _EchoClient(_Client, asyncio.BufferedProtocol):
     """rr (kept open, many exchanges) or connect (``one_shot``: one exchange, then close)."""
 
     __slots__ = (
-        "_done",
         "_end",
         "_got",
         "_offset",
         "_one_shot",
-        "_run",
         "_slot",
         "_started_at",
-        "_timer",
         "_wrote_at",
-        "closed",
-        "failed",
-        "transport",
     )
 
     def __init__(self, run: _Run, slot: _Slot, *, one_shot: bool, started_at: float) -> None:
-        self._run = run
+        super().__init__(run)
         self._slot = slot
         self._one_shot = one_shot
         self._started_at = started_at
@@ -231,11 +278,6 @@ class _EchoClient(asyncio.BufferedProtocol):
         self._offset = -1  # -1: no request outstanding
         self._end = 0
         self._got = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._done = False  # no more errors or requests: failed, finished or stopped
-        self.failed = False
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = run.loop.create_future()
 
     # --- callbacks (called by the loop) ------------------------------------------------------
 
@@ -279,21 +321,6 @@ class _EchoClient(asyncio.BufferedProtocol):
         if stop == self._end:
             self._complete()
 
-    def eof_received(self) -> bool:
-        """The server closed its side: before the full echo, or a kept-open connection."""
-        self._fail("short_read")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Called once when the connection is gone; wakes the worker."""
-        if not self._done:
-            self._fail("short_read" if exc is None else classify(exc))
-        self._cancel_timer()
-        self.transport = None
-        self._run.active.discard(self)
-        if not self.closed.done():
-            self.closed.set_result(None)
-
     # --- the exchange ------------------------------------------------------------------------
 
     def _schedule_next(self) -> None:
@@ -306,10 +333,10 @@ class _EchoClient(asyncio.BufferedProtocol):
         if delay <= 0:
             self._send(at)  # behind schedule: send now, latency still counts from `at`
         else:
-            self._timer = self._run.loop.call_later(delay, self._send, at)
+            self._pending = self._run.loop.call_later(delay, self._send, at)
 
     def _send(self, intended: float) -> None:
-        self._timer = None
+        self._pending = None
         transport = self.transport
         if self._done or transport is None or transport.is_closing():
             return
@@ -341,29 +368,7 @@ class _EchoClient(asyncio.BufferedProtocol):
         else:
             self._schedule_next()
 
-    def _fail(self, kind: str) -> None:
-        if self._done:
-            return
-        self._done = True
-        self.failed = True
-        self._run.error(kind)
-        self._cancel_timer()
-        if self.transport is not None:
-            self.transport.abort()  # nothing worth flushing to a broken or lying peer
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     # --- _Client -----------------------------------------------------------------------------
-
-    def stop(self) -> None:
-        """The run is over: drop the connection without counting anything."""
-        self._done = True
-        self._cancel_timer()
-        if self.transport is not None:
-            self.transport.abort()
 
     def check_timeout(self, now: float, timeout: float) -> None:
         """Called by the sweeper: a reply outstanding for longer than ``timeout`` is a timeout."""
@@ -375,29 +380,15 @@ class _EchoClient(asyncio.BufferedProtocol):
         return 0
 
 
-class _StreamClient(asyncio.Protocol):
+class _StreamClient(_Client, asyncio.Protocol):
     """Writes as fast as flow control allows; the peer (a sink) never answers."""
 
-    __slots__ = (
-        "_done",
-        "_paused",
-        "_paused_at",
-        "_pump_handle",
-        "_run",
-        "closed",
-        "failed",
-        "transport",
-    )
+    __slots__ = ("_paused", "_paused_at")
 
     def __init__(self, run: _Run) -> None:
-        self._run = run
-        self._done = False
+        super().__init__(run)
         self._paused = False
         self._paused_at = 0.0
-        self._pump_handle: asyncio.Handle | None = None
-        self.failed = False
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = run.loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The connect succeeded: start pumping."""
@@ -416,7 +407,7 @@ class _StreamClient(asyncio.Protocol):
             self._pump()
 
     def _pump(self) -> None:
-        self._pump_handle = None
+        self._pending = None
         transport = self.transport
         if self._done or self._paused or transport is None:
             return
@@ -433,7 +424,7 @@ class _StreamClient(asyncio.Protocol):
             if self._paused:
                 break
         else:
-            self._pump_handle = run.loop.call_soon(self._pump)
+            self._pending = run.loop.call_soon(self._pump)
         if run.counting:
             run.tally.bytes_sent += written
 
@@ -445,7 +436,7 @@ class _StreamClient(asyncio.Protocol):
     def resume_writing(self) -> None:
         """Called by the transport when its buffer drains below the low-water mark."""
         self._paused = False
-        if self._pump_handle is None:
+        if self._pending is None:
             self._pump()
 
     def data_received(self, data: bytes) -> None:
@@ -453,42 +444,7 @@ class _StreamClient(asyncio.Protocol):
         if self._run.counting:
             self._run.tally.bytes_received += len(data)
 
-    def eof_received(self) -> bool:
-        """The sink closed: the stream ended early."""
-        self._fail("short_read")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Called once when the connection is gone; wakes the worker."""
-        if not self._done:
-            self._fail("short_read" if exc is None else classify(exc))
-        self._cancel_pump()
-        self.transport = None
-        self._run.active.discard(self)
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def _fail(self, kind: str) -> None:
-        if self._done:
-            return
-        self._done = True
-        self.failed = True
-        self._run.error(kind)
-        self._cancel_pump()
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _cancel_pump(self) -> None:
-        if self._pump_handle is not None:
-            self._pump_handle.cancel()
-            self._pump_handle = None
-
-    def stop(self) -> None:
-        """The run is over: drop the connection without counting anything."""
-        self._done = True
-        self._cancel_pump()
-        if self.transport is not None:
-            self.transport.abort()
+    # --- _Client -----------------------------------------------------------------------------
 
     def check_timeout(self, now: float, timeout: float) -> None:
         """Called by the sweeper: writes stalled for longer than ``timeout`` are a timeout."""
@@ -550,7 +506,7 @@ class _Run:
 
     # --- workers -----------------------------------------------------------------------------
 
-    async def _connect(self, protocol: _EchoClient | _StreamClient) -> bool:
+    async def _connect(self, protocol: _Client) -> bool:
         spec = self.spec
         try:
             await asyncio.wait_for(
@@ -567,7 +523,7 @@ class _Run:
 
     async def _kept_open_worker(self, slot: _Slot) -> None:
         while self.running:
-            client: _EchoClient | _StreamClient
+            client: _Client
             if self.spec.mode == "stream":
                 client = _StreamClient(self)
             else:

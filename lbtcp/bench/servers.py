@@ -61,8 +61,9 @@ class ConnectionSet:
         await asyncio.wait([self._empty], timeout=timeout)
 
 
-class EchoProtocol(asyncio.Protocol):
-    """One echo connection; created by the server's accept loop."""
+class _TrackedProtocol(asyncio.BaseProtocol):
+    """What the echo and the sink share: the transport, registered in an optional
+    ``ConnectionSet`` for its lifetime, and a close of our side on the client's FIN."""
 
     __slots__ = ("_connections", "_transport")
 
@@ -77,8 +78,31 @@ class EchoProtocol(asyncio.Protocol):
         self._transport = transport
         if self._connections is not None:
             self._connections.add(transport)
+
+    def eof_received(self) -> bool:
+        """Called on the client's FIN: returning False closes our side too, once the write
+        buffer is flushed (the client still gets every byte it is owed)."""
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Called by the loop exactly once when the connection is gone."""
+        if self._connections is not None and self._transport is not None:
+            self._connections.discard(self._transport)
+        self._transport = None
+
+
+class EchoProtocol(_TrackedProtocol, asyncio.Protocol):
+    """One echo connection; created by the server's accept loop."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Called by the loop once the connection is accepted."""
+        super().connection_made(transport)
         # Explicit limits: uvloop's default low-water mark differs from asyncio's.
-        transport.set_write_buffer_limits(high=ECHO_HIGH_WATER, low=ECHO_LOW_WATER)
+        cast(asyncio.Transport, transport).set_write_buffer_limits(
+            high=ECHO_HIGH_WATER, low=ECHO_LOW_WATER
+        )
 
     def data_received(self, data: bytes) -> None:
         """Called by the loop with each chunk read; the chunk is ours, so write it back as is."""
@@ -96,38 +120,21 @@ class EchoProtocol(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
 
-    def eof_received(self) -> bool:
-        """Called on the client's FIN: returning False closes after the buffer is flushed."""
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Called by the loop exactly once when the connection is gone."""
-        if self._connections is not None and self._transport is not None:
-            self._connections.discard(self._transport)
-        self._transport = None
-
 
 # One buffer for every sink connection of the process: the bytes are discarded, and the loop
 # calls get_buffer() and buffer_updated() back to back, so no two reads ever share it in time.
 _SINK_BUFFER = bytearray(SINK_BUFFER_SIZE)
 
 
-class SinkProtocol(asyncio.BufferedProtocol):
+class SinkProtocol(_TrackedProtocol, asyncio.BufferedProtocol):
     """One sink connection: read and discard, counting bytes."""
 
-    __slots__ = ("_buffer", "_connections", "_transport", "bytes_received")
+    __slots__ = ("_buffer", "bytes_received")
 
     def __init__(self, connections: ConnectionSet | None = None) -> None:
+        super().__init__(connections)
         self.bytes_received = 0
         self._buffer = memoryview(_SINK_BUFFER)
-        self._connections = connections
-        self._transport: asyncio.BaseTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Called by the loop once the connection is accepted."""
-        self._transport = transport
-        if self._connections is not None:
-            self._connections.add(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Called by the loop before each read: the shared scratch buffer."""
@@ -136,16 +143,6 @@ class SinkProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         """Called by the loop after reading ``nbytes`` into the buffer."""
         self.bytes_received += nbytes
-
-    def eof_received(self) -> bool:
-        """The client is done sending: close our side too."""
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Called by the loop exactly once when the connection is gone."""
-        if self._connections is not None and self._transport is not None:
-            self._connections.discard(self._transport)
-        self._transport = None
 
 
 async def _start(
