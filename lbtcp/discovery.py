@@ -121,7 +121,9 @@ class Discovery:
 
     def _rebuild(self, pool_name: str) -> None:
         pool = self.pools[pool_name]
-        events = pool.set_servers(self.membership(pool_name), self.loop.time())
+        events = pool.set_servers(
+            self.membership(pool_name), self.loop.time(), reason="dns: no longer in the answer"
+        )
         self.on_pool_events(pool, events)
 
     def _on_change(self, key: str, targets: tuple[ResolvedTarget, ...]) -> None:

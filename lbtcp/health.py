@@ -687,11 +687,12 @@ class PoolHealth:
         events.append(ServerAdded(self.pool, name, srv.state, now))
         return self._finish(events, now)
 
-    def remove(self, name: str, now: float) -> list[Event]:
-        """Stop tracking a server (reload, DNS). ``KeyError`` if unknown."""
+    def remove(self, name: str, now: float, reason: str = "removed") -> list[Event]:
+        """Stop tracking a server (reload, DNS). ``KeyError`` if unknown. ``reason`` goes
+        into the state-change event (e.g. "dns: no longer in the answer")."""
         srv = self._servers[name]
         events = self._advance(now)
-        self._run(srv, Input.REMOVED, now, events, "removed")
+        self._run(srv, Input.REMOVED, now, events, reason)
         del self._servers[name]
         self._deadline_stale = True
         return self._finish(events, now)

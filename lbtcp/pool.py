@@ -166,17 +166,20 @@ class Pool:
 
     # --- membership ----------------------------------------------------------------------
 
-    def set_servers(self, servers: Iterable[Server], now: float) -> list[Event]:
+    def set_servers(
+        self, servers: Iterable[Server], now: float, reason: str = "removed"
+    ) -> list[Event]:
         """Make the membership ``servers`` (off the hot path): a diff by name. A server that
         stays keeps its object, counters and health; a new one enters in the health
-        machine's initial state; a removed one takes no new sessions (live ones go on)."""
+        machine's initial state; a removed one takes no new sessions (live ones go on).
+        ``reason`` says why servers left, for the log."""
         events: list[Event] = []
         wanted = {server.name: server for server in servers}
         for name in [n for n in self.servers if n not in wanted]:
             gone = self.servers.pop(name)
             gone.removed = True
             gone.eligible = False
-            events += self.health.remove(name, now)
+            events += self.health.remove(name, now, reason)
         for name, server in wanted.items():
             kept = self.servers.get(name)
             if kept is not None and (kept.host, kept.port) == (server.host, server.port):
@@ -186,7 +189,7 @@ class Pool:
                 continue
             if kept is not None:  # same name, new address: a new server
                 kept.removed = True
-                events += self.health.remove(name, now)
+                events += self.health.remove(name, now, reason)
             self.servers[name] = server
             events += self.health.add(name, now)
         self._primaries = [s for s in self.servers.values() if not s.backup]

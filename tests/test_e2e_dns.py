@@ -144,6 +144,7 @@ def test_three_a_records_become_three_servers_and_follow_changes(
     wait_until(follows, 10, "lbtcp to follow the new record set")
     assert time.monotonic() - changed_at < 1 + 1 + 1.5  # TTL + 1 s, plus the sampling
     lb.wait_line(r"dns_change .*added=127\.0\.0\.14")
+    lb.wait_line(r'server_state msg="dns: no longer in the answer" .*#127\.0\.0\.12 ')
 
     live.sendall(b"after")
     assert live.recv(100) == first.split()[0] + b" after"
