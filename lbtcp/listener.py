@@ -36,10 +36,6 @@ TERM_LIMIT = "LM"
 REFUSAL_REASONS = ("no_healthy", "acl", "limit", "proxy_protocol")
 
 
-class ConnectTimeout(Exception):
-    """One connect attempt ran past its timeout."""
-
-
 def bind_socket(address: str, backlog: int) -> socket.socket:
     """A listening TCP socket for ``IP:PORT`` or ``[IPv6]:PORT``."""
     endpoint = parse_endpoint(address, allow_names=False)
@@ -185,18 +181,49 @@ class Listener:
     # --- connecting ----------------------------------------------------------------------
 
     async def _connect(self, session: Session, server: Server) -> None:
-        """Connect attempts for one session, on a new server each time (see module doc)."""
+        """Connect attempts for one session, on a new server each time (see module doc).
+
+        Each attempt is bounded by a timer that cancels this task, rather than by a wrapper
+        task (``wait_for``): one task per session, however many attempts it takes.
+        """
         loop = self.loop
         pool = self.pool
         config = pool.config
         deadline = loop.time() + config.retry_budget
         all_timeouts = True
+        # This task (asyncio.current_task() would cost a getpid() system call per call on
+        # Python < 3.12).
+        task = session.connect_task
+        assert task is not None
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            task.cancel()
+
         while True:
             session.tried.append(server)
             timeout = min(config.connect_timeout, deadline - loop.time())
+            if timeout <= 0:
+                break
+            protocol = UpstreamProtocol(session)
+            timed_out = False
+            handle = loop.call_later(timeout, expire)
             try:
-                transport = await self._connect_once(session, server, timeout)
-            except ConnectTimeout:
+                transport, _ = await loop.create_connection(
+                    lambda p=protocol: p,  # type: ignore[misc]  # bound now, used at once
+                    server.host,
+                    server.port,
+                )
+            except asyncio.CancelledError:
+                # The timer or the client's departure. If the connection was made in the
+                # same loop turn, close it here: nobody else holds it.
+                protocol.discard()
+                if not timed_out:
+                    raise  # the client went away
+                if hasattr(task, "uncancel"):
+                    task.uncancel()
                 self._report(server, False)
             except OSError as exc:
                 self._report(server, False)
@@ -205,11 +232,13 @@ class Listener:
             else:
                 self._report(server, True)
                 if session.finished or session.up_state == CLOSED:
-                    transport.close()  # the client left while we connected
+                    protocol.discard()  # the client left while we connected
                     return
                 pool.session_started(server)
                 session.attach_upstream(transport, server)
                 return
+            finally:
+                handle.cancel()
             if session.finished:
                 return
             if len(session.tried) > config.retries or loop.time() >= deadline:
@@ -230,39 +259,6 @@ class Listener:
 
     def sessions_of(self, server: Server) -> list[Session]:
         return [session for session in self.sessions if session.server is server]
-
-    async def _connect_once(
-        self, session: Session, server: Server, timeout: float
-    ) -> asyncio.Transport:
-        """One attempt, bounded by ``timeout`` with a timer rather than a wrapper task."""
-        if timeout <= 0:
-            raise ConnectTimeout()
-        loop = self.loop
-        # The session's own connect task (asyncio.current_task() would cost a getpid()
-        # system call per attempt on Python < 3.12).
-        task = session.connect_task
-        assert task is not None
-        timed_out = False
-
-        def expire() -> None:
-            nonlocal timed_out
-            timed_out = True
-            task.cancel()
-
-        handle = loop.call_later(timeout, expire)
-        try:
-            transport, _ = await loop.create_connection(
-                lambda: UpstreamProtocol(session), server.host, server.port
-            )
-        except asyncio.CancelledError:
-            if not timed_out:
-                raise  # the client went away
-            if hasattr(task, "uncancel"):
-                task.uncancel()
-            raise ConnectTimeout() from None
-        finally:
-            handle.cancel()
-        return transport
 
     # --- ending --------------------------------------------------------------------------
 

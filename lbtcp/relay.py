@@ -69,37 +69,53 @@ def reset_transport(transport: asyncio.BaseTransport) -> None:
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    """The server side of a session. The loop calls it; it forwards to the session."""
+    """The server side of a session. The loop calls it; it forwards to the session, unless
+    the connector discarded the connection (it gave up on it before handing it over)."""
 
-    __slots__ = ("session",)
+    __slots__ = ("discarded", "session", "transport")
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.transport: asyncio.BaseTransport | None = None
+        self.discarded = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Called by the loop when the connect succeeds, before create_connection returns."""
+        self.transport = transport
+
+    def discard(self) -> None:
+        """The connector gave up on this connection (timed out in the same loop turn as it
+        was made, or the client left): abort it without touching the session."""
+        self.discarded = True
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            cast(asyncio.WriteTransport, transport).abort()
 
     def data_received(self, data: bytes) -> None:
         """Server bytes: straight to the client, unless that direction is done."""
         session = self.session
-        if session.down_state == OPEN:
+        if session.down_state == OPEN and not self.discarded:
             session.client.write(data)
             session.bytes_to_client += len(data)
 
     def eof_received(self) -> bool:
         """The server shut down its write side: pass the FIN on to the client."""
-        self.session.shut_down_direction()
+        if not self.discarded:
+            self.session.shut_down_direction()
         return True
 
     def pause_writing(self) -> None:
         """The server's write buffer is full: stop reading from the client."""
-        self.session.set_client_reading(False)
+        if not self.discarded:
+            self.session.set_client_reading(False)
 
     def resume_writing(self) -> None:
-        self.session.set_client_reading(True)
+        if not self.discarded:
+            self.session.set_client_reading(True)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.session.upstream_lost(exc)
+        if not self.discarded:
+            self.session.upstream_lost(exc)
 
 
 class Session(asyncio.Protocol):

@@ -42,10 +42,18 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any
     assert not errors, f"the loop's exception handler was called: {errors}"
 
 
+# Server-side connections of echo_server() still open: lbtcp must leave none behind.
+OPEN_SERVER_SIDE: set[asyncio.BaseTransport] = set()
+
+
 async def echo_server() -> tuple[asyncio.AbstractServer, int]:
     class Echo(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport = transport
+            OPEN_SERVER_SIDE.add(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            OPEN_SERVER_SIDE.discard(self.transport)
 
         def data_received(self, data: bytes) -> None:
             self.transport.write(data)  # type: ignore[attr-defined]
@@ -154,6 +162,8 @@ def test_connection_churn_with_early_fin_and_rst(run: Any) -> None:
             )
         await wait_for(lambda: listener.active == 0, 10)
         assert listener.connections_total == 600
+        # No server connection was left behind, whatever the client did meanwhile.
+        await wait_for(lambda: not OPEN_SERVER_SIDE, 10)
         listener.stop_accepting()
         server.close()
 
