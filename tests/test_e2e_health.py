@@ -423,10 +423,13 @@ def test_blackholed_server_is_ejected_passively_and_then_costs_nothing(
     before = [elapsed for started, elapsed in timings if started < ejected_at]
     after = [elapsed for started, elapsed in timings if started > ejected_at]
     # Round robin sends every third client to the hole first: each of those waits out the
-    # connect timeout and is retried elsewhere, until the second failure ejects it.
-    assert sum(1 for elapsed in before if elapsed >= 0.15) == 2
+    # connect timeout and is retried elsewhere, until the second failure ejects it. (The
+    # threshold sits below 150 ms: uvloop's timers tick in whole milliseconds and may fire a
+    # fraction of one early; a client that did not meet the hole takes a few ms.)
+    slow = 0.12
+    assert sum(1 for elapsed in before if elapsed >= slow) == 2
     assert len(after) >= 20
-    assert max(after) < 0.15, "a client still paid the connect timeout after the ejection"
+    assert max(after) < slow, "a client still paid the connect timeout after the ejection"
     assert "ejection=1" in ejected
     assert sum(tally.counts().values()) == 30
     wait_until(lambda: len(lb.matching(r" access ")) == 30, 5, "30 access lines")
