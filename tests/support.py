@@ -82,6 +82,14 @@ def blackhole() -> Iterator[int]:
         listener.close()
 
 
+def open_session(address: tuple[str, int], probe: bytes = b"x") -> socket.socket:
+    """A session through lbtcp to an echo server, proven spliced by one echoed probe."""
+    sock = socket.create_connection(address, timeout=5)
+    sock.sendall(probe)
+    assert sock.recv(len(probe)) == probe
+    return sock
+
+
 def closed_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (connects are refused)."""
     sock = socket.socket()

@@ -23,6 +23,7 @@ from tests.support import (
     blackhole,
     closed_port,
     config,
+    open_session,
     roundtrip,
     wait_until,
 )
@@ -230,9 +231,7 @@ def test_full_servers_are_skipped_and_then_refused(
 ) -> None:
     port = backends.echo()
     lb = start_lbtcp(config([port], server_extra="max_connections = 1"))
-    first = socket.create_connection(lb.address(), timeout=5)
-    first.sendall(b"a")
-    assert first.recv(10) == b"a"
+    first = open_session(lb.address(), b"a")
     assert roundtrip(lb.address(), b"second") == b""  # the only server is full
     lb.wait_line(r"term=NH", 5)
     first.close()
@@ -259,9 +258,7 @@ def test_acl_and_per_source_limit(start_lbtcp: StartLbtcp, backends: Backends) -
     denied.wait_line(r"term=AC", 5)
 
     limited = start_lbtcp(config([port], listener_extra="max_per_source = 1"))
-    held = socket.create_connection(limited.address(), timeout=5)
-    held.sendall(b"a")
-    assert held.recv(1) == b"a"
+    held = open_session(limited.address(), b"a")
     assert roundtrip(limited.address(), b"x") == b""
     limited.wait_line(r"term=LM", 5)
     held.close()
@@ -274,9 +271,7 @@ def test_sigterm_drains_live_session_and_refuses_new(
     port = backends.echo()
     lb = start_lbtcp(config([port], global_extra='drain_timeout = "10s"'))
     address = lb.address()
-    live = socket.create_connection(address, timeout=5)
-    live.sendall(b"before")
-    assert live.recv(100) == b"before"
+    live = open_session(address, b"before")
     lb.signal(signal.SIGTERM)
     lb.wait_line(r"\bdrain\b", 5)
     with pytest.raises(ConnectionRefusedError):
@@ -299,9 +294,7 @@ def test_sigterm_closes_sessions_left_after_drain_timeout(
 ) -> None:
     port = backends.echo()
     lb = start_lbtcp(config([port], global_extra='drain_timeout = "300ms"'))
-    live = socket.create_connection(lb.address(), timeout=5)
-    live.sendall(b"x")
-    assert live.recv(1) == b"x"
+    live = open_session(lb.address(), b"x")
     lb.signal(signal.SIGTERM)
     assert lb.wait(10) == 0
     with contextlib.suppress(ConnectionResetError):
@@ -387,9 +380,7 @@ def test_json_access_log_has_every_field(start_lbtcp: StartLbtcp, backends: Back
 def test_sigint_closes_live_sessions_at_once(start_lbtcp: StartLbtcp, backends: Backends) -> None:
     port = backends.echo()
     lb = start_lbtcp(config([port], global_extra='drain_timeout = "30s"'))
-    live = socket.create_connection(lb.address(), timeout=5)
-    live.sendall(b"x")
-    assert live.recv(1) == b"x"
+    live = open_session(lb.address(), b"x")
     started = time.monotonic()
     lb.signal(signal.SIGINT)
     assert lb.wait(10) == 0
@@ -412,9 +403,7 @@ def test_allow_list_and_listener_connection_limit(
         config([port], listener_extra='allow = ["127.0.0.0/8"]\nmax_connections = 1')
     )
     assert roundtrip(inside.address(), b"in") == b"in"
-    held = socket.create_connection(inside.address(), timeout=5)
-    held.sendall(b"a")
-    assert held.recv(1) == b"a"
+    held = open_session(inside.address(), b"a")
     assert roundtrip(inside.address(), b"second") == b""  # the listener is full
     inside.wait_line(r"term=LM", 5)
     held.close()
