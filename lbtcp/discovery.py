@@ -81,6 +81,11 @@ class Discovery:
     def query_counts(self) -> dict[str, int]:
         return self.watcher.query_counts if self.watcher is not None else {}
 
+    @property
+    def name_query_counts(self) -> dict[str, dict[str, int]]:
+        """Lookups by DNS name, then by result (``resolution.QUERY_RESULTS``)."""
+        return self.watcher.name_query_counts if self.watcher is not None else {}
+
     async def start(self) -> None:
         """Start the lookups and wait (bounded by the resolver timeout) for first answers.
         With DNS down, lbtcp starts anyway: those pools refuse until a lookup succeeds."""

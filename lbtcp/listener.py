@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from lbtcp.addresses import format_address, parse_endpoint
 from lbtcp.config import ListenerConfig
+from lbtcp.counters import SESSION_BUCKETS, Histogram
 from lbtcp.events import Event
 from lbtcp.log import Log
 from lbtcp.pool import Pool, Server
@@ -81,6 +82,8 @@ class Listener:
         # Counters: plain ints on the hot path.
         self.connections_total = 0
         self.refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+        # Durations of the sessions that reached a server, observed when they end.
+        self.session_seconds = Histogram(SESSION_BUCKETS)
         self._check_acl = bool(config.allow or config.deny)
         self._factory: Callable[[], Session] = lambda: Session(self, loop)
 
@@ -224,11 +227,15 @@ class Listener:
                     raise  # the client went away
                 if hasattr(task, "uncancel"):
                     task.uncancel()
-                self._report(server, False)
+                self._report(server, False, "timeout")
             except OSError as exc:
-                self._report(server, False)
-                if exc.errno != errno.ETIMEDOUT:
+                if exc.errno == errno.ETIMEDOUT:
+                    self._report(server, False, "timeout")
+                else:
                     all_timeouts = False
+                    self._report(
+                        server, False, "refused" if exc.errno == errno.ECONNREFUSED else "other"
+                    )
             else:
                 self._report(server, True)
                 if session.finished or session.up_state == CLOSED:
@@ -236,6 +243,7 @@ class Listener:
                     return
                 pool.session_started(server)
                 session.attach_upstream(transport, server)
+                pool.connect_seconds.observe(session.connect_ms / 1000.0)
                 return
             finally:
                 handle.cancel()
@@ -251,9 +259,10 @@ class Listener:
             server = next_server
         session.close(TERM_CONNECT_TIMEOUT if all_timeouts else TERM_CONNECT_REFUSED)
 
-    def _report(self, server: Server, ok: bool) -> None:
-        """Passive health: tell the pool how a real connect attempt went."""
-        events = self.pool.connect_result(server, ok, self.loop.time())
+    def _report(self, server: Server, ok: bool, kind: str = "") -> None:
+        """Passive health: tell the pool how a real connect attempt went (``kind`` of a
+        failure: "refused", "timeout", "other")."""
+        events = self.pool.connect_result(server, ok, self.loop.time(), kind)
         if events and self.on_events is not None:
             self.on_events(self.pool, events)
 
@@ -276,6 +285,7 @@ class Listener:
         server = session.server
         if server is not None:
             self.pool.session_ended(server, session.bytes_from_client, session.bytes_to_client)
+            self.session_seconds.observe(session.duration_ms() / 1000.0)
         log = self.log
         if log.access_enabled:
             log.access(

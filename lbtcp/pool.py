@@ -31,8 +31,19 @@ from collections.abc import Iterable, Sequence
 from lbtcp.addresses import Endpoint, parse_endpoint
 from lbtcp.balancing import Balancer, Client, create_balancer
 from lbtcp.config import PoolConfig, ServerConfig
-from lbtcp.events import Event, PoolEmpty, ServerAdded, ServerStateChanged
+from lbtcp.counters import CONNECT_BUCKETS, Histogram
+from lbtcp.events import Event, PoolEmpty, ServerAdded, ServerEjected, ServerStateChanged
 from lbtcp.health import Admin, AdminAction, PoolHealth, ProbeResult
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProbeRecord:
+    """The outcome of one finished active probe, as the status document shows it."""
+
+    result: str  # a ProbeResult value: "ok", "fail", "timeout"
+    detail: str  # e.g. "connection refused", "expect matched"
+    duration: float  # seconds
+    at: float  # loop time at which it finished
 
 
 class Server:
@@ -45,8 +56,15 @@ class Server:
         "bytes_received",
         "bytes_sent",
         "connect_failures",
+        "connect_other",
+        "connect_refused",
+        "connect_timeouts",
+        "ejections",
         "eligible",
+        "health_checks",
         "host",
+        "last_change",
+        "last_probe",
         "max_connections",
         "name",
         "port",
@@ -82,9 +100,21 @@ class Server:
         self.weight_factor = 1.0
         self.active = 0
         self.total = 0
+        # Failed connect attempts of real clients: the total (passive health) and by kind.
         self.connect_failures = 0
+        self.connect_refused = 0
+        self.connect_timeouts = 0
+        self.connect_other = 0
+        # Passive ejections (ServerEjected events), for metrics and status.
+        self.ejections = 0
+        # What lbtcp wrote to the server and read from it, added when a session ends.
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Active probe results by ProbeResult value, and the last one (the prober sets both).
+        self.health_checks: dict[str, int] = {"ok": 0, "fail": 0, "timeout": 0}
+        self.last_probe: ProbeRecord | None = None
+        # The last ServerStateChanged of this server (kept by Pool._sync), or None.
+        self.last_change: ServerStateChanged | None = None
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> Server:
@@ -127,6 +157,7 @@ class Pool:
         "_ramping",
         "balancer",
         "config",
+        "connect_seconds",
         "hash_key",
         "health",
         "initial_events",
@@ -154,6 +185,9 @@ class Pool:
         self._primaries: list[Server] = []
         self._backups: list[Server] = []
         self._ramping = False
+        # Accept-to-connected time of the sessions it established (per pool, not per server:
+        # a histogram is 15 series, times 1,000 servers would swamp a Prometheus).
+        self.connect_seconds = Histogram(CONNECT_BUCKETS)
         # Events of the initial membership, for the runtime to log once it runs.
         self.initial_events = self.set_servers(servers, now)
 
@@ -205,11 +239,21 @@ class Pool:
 
     # --- health inputs -------------------------------------------------------------------
 
-    def connect_result(self, server: Server, ok: bool, now: float) -> list[Event]:
-        """A real client's connect attempt finished (passive outlier detection)."""
+    def connect_result(
+        self, server: Server, ok: bool, now: float, kind: str = "other"
+    ) -> list[Event]:
+        """A real client's connect attempt finished (passive outlier detection). ``kind``
+        of a failure: "refused", "timeout" or "other" (counted per server)."""
         if ok and not self._has_passive_failures(server):
             return []  # the common case: nothing to count, no state machine run
-        server.connect_failures += 0 if ok else 1
+        if not ok:
+            server.connect_failures += 1
+            if kind == "refused":
+                server.connect_refused += 1
+            elif kind == "timeout":
+                server.connect_timeouts += 1
+            else:
+                server.connect_other += 1
         return self._sync(self.health.on_connect(server.name, ok, now), now)
 
     def _has_passive_failures(self, server: Server) -> bool:
@@ -250,10 +294,16 @@ class Pool:
 
     def _sync(self, events: list[Event], now: float) -> list[Event]:
         for event in events:
+            if isinstance(event, ServerEjected):
+                ejected = self.servers.get(event.server)
+                if ejected is not None:
+                    ejected.ejections += 1
             if isinstance(event, ServerStateChanged | ServerAdded):
                 server = self.servers.get(event.server)
                 if server is None or event.server not in self.health:
                     continue
+                if isinstance(event, ServerStateChanged):
+                    server.last_change = event
                 record = self.health.server(event.server)
                 server.eligible = record.eligible
                 server.admin_ok = record.admin is Admin.ENABLED

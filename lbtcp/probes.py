@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from time import monotonic
 
 from lbtcp.config import HealthConfig
 from lbtcp.events import Event
 from lbtcp.health import ProbeResult
-from lbtcp.pool import Pool
+from lbtcp.pool import Pool, ProbeRecord
 from lbtcp.relay import reset_transport
 
 MAX_EXPECT_BUFFER = 64 * 1024
@@ -164,14 +165,19 @@ class Prober:
         self.in_flight[name] = self.loop.create_task(self._run(name, server.host, server.port))
 
     async def _run(self, name: str, host: str, port: int) -> None:
+        # monotonic(), not loop.time(): uvloop's clock ticks in whole milliseconds.
+        started = monotonic()
         try:
             result, detail = await probe_once(self.loop, host, port, self.health)
         finally:
             self.in_flight.pop(name, None)
-        if self.closed or name not in self.pool.servers:
+        server = self.pool.servers.get(name)
+        if self.closed or server is None:
             return
         self.probes_total[result.value] += 1
         now = self.loop.time()
+        server.health_checks[result.value] += 1
+        server.last_probe = ProbeRecord(result.value, detail, monotonic() - started, now)
         events = self.pool.probe_result(name, result, now, detail)
         try:
             self.on_events(self.pool, events)

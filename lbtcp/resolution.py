@@ -957,7 +957,8 @@ class DnsWatcher:
     an exception from either is logged and does not stop the refreshing.
 
     ``query_counts`` counts lookups by result (``QUERY_RESULTS``) for the
-    ``lbtcp_dns_queries_total{result}`` metric.
+    ``lbtcp_dns_queries_total{result}`` metric; ``name_query_counts`` the same per DNS name
+    (its ``name`` label).
 
     No lookup may hold a refresh up for ever (which would freeze a pool's membership without
     a word): each is bounded by ``lookup_timeout`` (default ``timeout + LOOKUP_MARGIN``) and
@@ -999,6 +1000,8 @@ class DnsWatcher:
         self._started = False
         self._closed = False
         self.query_counts: dict[str, int] = dict.fromkeys(QUERY_RESULTS, 0)
+        # The same, per DNS name looked up (the metric's ``name`` label).
+        self.name_query_counts: dict[str, dict[str, int]] = {}
 
     # -- public interface ---------------------------------------------------------------------
 
@@ -1205,22 +1208,29 @@ class DnsWatcher:
 
     async def _lookup(self, name: str, rtype: RecordType, fresh: bool) -> Answer | ResolveError:
         assert self._resolver is not None
+        per_name = self.name_query_counts.get(name)
+        if per_name is None:
+            per_name = self.name_query_counts[name] = dict.fromkeys(QUERY_RESULTS, 0)
         try:
             answer = await _bounded(
                 self._resolver.query(name, rtype, fresh=fresh), self._lookup_timeout
             )
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             self.query_counts["timeout"] += 1
+            per_name["timeout"] += 1
             log.warning("DNS %s %s: no result within %gs", rtype.value, name, self._lookup_timeout)
             return ResolveError("timeout", f"no result within {self._lookup_timeout:g}s")
         except ResolveError as exc:
             self.query_counts[exc.kind] += 1
+            per_name[exc.kind] += 1
             return exc
         except (OSError, RuntimeError, ValueError) as exc:
             # A broken resolver must not kill the refresh task: count it, retry with backoff.
             self.query_counts["error"] += 1
+            per_name["error"] += 1
             return ResolveError("error", f"{type(exc).__name__}: {exc}")
         self.query_counts["ok"] += 1
+        per_name["ok"] += 1
         return answer
 
     # -- from entry updates to watches and events ---------------------------------------------

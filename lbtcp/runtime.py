@@ -12,9 +12,11 @@ import asyncio
 import os
 import signal
 import sys
+import time
 
 from lbtcp import __version__
 from lbtcp.config import Config
+from lbtcp.counters import ReloadStats
 from lbtcp.discovery import Discovery
 from lbtcp.events import (
     EjectionSkipped,
@@ -203,6 +205,9 @@ class Runtime:
 
     async def run(self) -> int:
         """Serve until a stop signal. Returns the exit code."""
+        # Wall clock, for uptime and /status; the start is the first successful config load.
+        self.started_at = time.time()
+        self.reloads = ReloadStats(self.started_at)
         loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
         self.log.use_timer(loop.call_later)
