@@ -1,0 +1,340 @@
+"""examples/alerts.yml: promtool accepts it, its unit tests pass and bite, and it only speaks
+of metrics, labels and label values that lbtcp has.
+
+promtool is the real peer here (Debian's ``prometheus`` package, installed by
+scripts/install-test-deps); without it these tests fail, they do not skip. The mutation
+tests prove that the promtool cases in tests/alerts/ are not vacuous: each alert's firing
+cases fail once the rule is gone, and its quiet cases fail once the rule fires on every series
+it reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lbtcp.listener import REFUSAL_REASONS
+from lbtcp.metrics import CONNECT_FAILURE_KINDS, SERVER_STATES
+from lbtcp.resolution import QUERY_RESULTS
+from tests.support import REPO
+
+RULES = REPO / "examples" / "alerts.yml"
+UNIT_TESTS = sorted((REPO / "tests" / "alerts").glob("*_test.yml"))
+DESIGN = REPO.parent / "shared" / "DESIGN.md"
+
+# Metrics the rules need that DESIGN.md §7 does not list yet: the listener's configured limit
+# (0 = unlimited), without which "near max_connections" cannot be expressed.
+NOT_YET_IN_DESIGN = {"listener_max_connections"}
+# Prometheus' own series for each scrape target: 1 if the scrape worked.
+PROMETHEUS_SERIES = {"up"}
+# The scrape job the rules assume (examples/alerts.yml's header says so).
+JOB = "lbtcp"
+
+SEVERITIES = {"critical", "warning", "info"}
+LABEL_NAMES = {
+    "job",
+    "instance",
+    "listener",
+    "pool",
+    "server",
+    "reason",
+    "state",
+    "result",
+    "kind",
+    "name",
+    "version",
+}
+# PromQL words that are not metric names.
+PROMQL_WORDS = {
+    "sum",
+    "rate",
+    "increase",
+    "changes",
+    "absent",
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "bool",
+    "vector",
+}
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail(
+            "promtool is missing: it is in Debian's 'prometheus' package, which "
+            "scripts/install-test-deps installs (scripts/test-deps.txt)"
+        )
+    return path
+
+
+def run_promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool(), *args], capture_output=True, text=True, timeout=60, cwd=cwd, check=False
+    )
+
+
+def load_rules(path: Path = RULES) -> list[dict[str, Any]]:
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def alert_names() -> list[str]:
+    return [rule["alert"] for rule in load_rules()]
+
+
+def load_unit_tests() -> list[tuple[Path, dict[str, Any]]]:
+    return [(path, yaml.safe_load(path.read_text(encoding="utf-8"))) for path in UNIT_TESTS]
+
+
+def design_metric_names() -> set[str]:
+    """The metric names of DESIGN.md §7's list (the paragraph before "Meanings")."""
+    text = DESIGN.read_text(encoding="utf-8")
+    section = text.split("## 7.", 1)[1].split("\n## ", 1)[0]
+    listing = section.split("Meanings:", 1)[0]
+    names = set()
+    for token in re.findall(r"`([a-z_*]+)(?:\{[a-z_]+\})?`", listing):
+        if not token.endswith("*"):  # process_*: the library's, not ours
+            names.add(token)
+    return names
+
+
+def strip_strings(expr: str) -> str:
+    return re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names an expression reads: identifiers outside label matchers, label lists,
+    ranges and strings that are not PromQL words."""
+    text = strip_strings(expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # ranges
+    text = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", text)  # label lists
+    identifiers = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", text))
+    return identifiers - PROMQL_WORDS
+
+
+def matchers(expr: str) -> list[tuple[str, str, str, str]]:
+    """(metric, label, operator, value) for every label matcher of ``expr``."""
+    found = []
+    for metric, body in re.findall(r"([A-Za-z_:][A-Za-z0-9_:]*)\{([^}]*)\}", expr):
+        for label, op, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', body):
+            found.append((metric, label, op, value))
+    return found
+
+
+def label_lists(expr: str) -> set[str]:
+    names: set[str] = set()
+    for body in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", strip_strings(expr)):
+        names |= {part.strip() for part in body.split(",") if part.strip()}
+    return names
+
+
+# --- promtool --------------------------------------------------------------------------------
+
+
+def test_promtool_check_rules_accepts_the_file() -> None:
+    result = run_promtool("check", "rules", "--lint=all", "--lint-fatal", str(RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(load_rules())} rules found" in result.stdout, result.stdout
+
+
+def test_promtool_unit_tests_pass() -> None:
+    assert UNIT_TESTS, "no promtool unit tests in tests/alerts/"
+    result = run_promtool("test", "rules", *(str(p) for p in UNIT_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("SUCCESS") == len(UNIT_TESTS), result.stdout
+
+
+def test_promtool_rejects_a_broken_rule_file(tmp_path: Path) -> None:
+    """The check above can fail: a rule with a syntax error is refused."""
+    broken = tmp_path / "alerts.yml"
+    broken.write_text(RULES.read_text(encoding="utf-8").replace("== 0", "== = 0", 1), "utf-8")
+    result = run_promtool("check", "rules", str(broken))
+    assert result.returncode != 0
+    assert "FAILED" in result.stdout + result.stderr
+
+
+# --- every alert: tested both ways, and the tests bite ---------------------------------------
+
+
+def cases_by_alert() -> dict[str, dict[str, int]]:
+    """For each alert name, how many promtool cases expect it to fire, and how many expect
+    it quiet."""
+    counts: dict[str, dict[str, int]] = {}
+    for _path, document in load_unit_tests():
+        for test in document["tests"]:
+            for case in test.get("alert_rule_test", []):
+                kind = "firing" if case.get("exp_alerts") else "quiet"
+                entry = counts.setdefault(case["alertname"], {"firing": 0, "quiet": 0})
+                entry[kind] += 1
+    return counts
+
+
+def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
+    counts = cases_by_alert()
+    for name in alert_names():
+        assert counts.get(name, {}).get("firing", 0) >= 1, f"{name}: no case where it fires"
+        assert counts.get(name, {}).get("quiet", 0) >= 1, f"{name}: no case where it is quiet"
+    unknown = set(counts) - set(alert_names())
+    assert not unknown, f"promtool cases for alerts that do not exist: {sorted(unknown)}"
+
+
+def write_suite(tmp_path: Path, rules: list[dict[str, Any]], keep: str, firing: bool) -> Path:
+    """Copies of the rules (as given) and of the unit tests, reduced to ``keep``'s cases that
+    expect it firing (or quiet)."""
+    document = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    document["groups"] = [{"name": "lbtcp", "rules": rules}]
+    tmp_path.mkdir()
+    rules_path = tmp_path / "alerts.yml"
+    rules_path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    tests = []
+    evaluation = None
+    for _path, unit in load_unit_tests():
+        for test in unit["tests"]:
+            cases = [
+                case
+                for case in test.get("alert_rule_test", [])
+                if case["alertname"] == keep and bool(case.get("exp_alerts")) == firing
+            ]
+            if cases:
+                reduced = copy.deepcopy(test)
+                reduced["alert_rule_test"] = cases
+                # promtool has one evaluation interval per file: carry it on the test's own.
+                evaluation = unit.get("evaluation_interval", "1m")
+                tests.append((reduced, evaluation))
+    assert tests, f"no {'firing' if firing else 'quiet'} case for {keep}"
+    paths = []
+    for number, (test, evaluation) in enumerate(tests):
+        path = tmp_path / f"{keep}-{number}_test.yml"
+        unit = {
+            "rule_files": [str(rules_path)],
+            "evaluation_interval": evaluation,
+            "tests": [test],
+        }
+        path.write_text(yaml.safe_dump(unit, sort_keys=False), encoding="utf-8")
+        paths.append(path)
+    return tmp_path
+
+
+def run_reduced(directory: Path) -> subprocess.CompletedProcess[str]:
+    return run_promtool("test", "rules", *(str(p) for p in sorted(directory.glob("*_test.yml"))))
+
+
+@pytest.mark.parametrize("alert", alert_names())
+def test_firing_cases_need_the_rule(alert: str, tmp_path: Path) -> None:
+    """With the alert's rule removed, its firing cases fail (and pass with it)."""
+    rules = load_rules()
+    intact = write_suite(tmp_path / "intact", rules, alert, firing=True)
+    assert run_reduced(intact).returncode == 0
+    without = [rule for rule in rules if rule["alert"] != alert]
+    mutated = write_suite(tmp_path / "without", without, alert, firing=True)
+    result = run_reduced(mutated)
+    assert result.returncode != 0, f"{alert}'s firing cases pass without the rule"
+    assert f"alertname: {alert}" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("alert", alert_names())
+def test_quiet_cases_catch_a_rule_that_fires_on_everything(alert: str, tmp_path: Path) -> None:
+    """With the alert's expression replaced by every series it reads (same ``for``), at least
+    one of its quiet cases fails (and they all pass with the real rule)."""
+    rules = load_rules()
+    intact = write_suite(tmp_path / "intact", rules, alert, firing=False)
+    assert run_reduced(intact).returncode == 0
+    mutated_rules = copy.deepcopy(rules)
+    for rule in mutated_rules:
+        if rule["alert"] == alert:
+            names = "|".join(sorted(metric_names(rule["expr"])))
+            rule["expr"] = f'{{__name__=~"{names}"}}'
+    mutated = write_suite(tmp_path / "everything", mutated_rules, alert, firing=False)
+    result = run_reduced(mutated)
+    assert result.returncode != 0, f"{alert}'s quiet cases pass with a rule that always fires"
+
+
+# --- the rules speak lbtcp's metrics -------------------------------------------------------
+
+
+def test_design_lists_the_metrics_the_parser_expects() -> None:
+    """The §7 parser finds DESIGN.md's names (else the name check below would be empty)."""
+    names = design_metric_names()
+    assert {"server_up", "pool_healthy_servers", "listener_refused_total"} <= names
+    assert "config_last_reload_successful" in names
+    assert not any(name.startswith("process_") for name in names)
+
+
+def test_every_metric_in_the_rules_is_one_design_names() -> None:
+    allowed = design_metric_names() | NOT_YET_IN_DESIGN
+    used: set[str] = set()
+    for rule in load_rules():
+        for name in metric_names(rule["expr"]):
+            used.add(name)
+            if name in PROMETHEUS_SERIES:
+                continue
+            assert name.startswith("lbtcp_"), f"{rule['alert']}: {name} is not lbtcp's"
+            assert name.removeprefix("lbtcp_") in allowed, (
+                f"{rule['alert']}: {name} is not a metric of DESIGN.md §7"
+            )
+    # The extraction works: the rules read these at least.
+    assert {"lbtcp_server_up", "lbtcp_pool_healthy_servers", "up"} <= used
+
+
+def test_the_name_check_can_fail() -> None:
+    assert metric_names('rate(lbtcp_server_bytes_total{pool="a"}[5m]) > 0') == {
+        "lbtcp_server_bytes_total"
+    }
+    assert "lbtcp_server_bytes_total".removeprefix("lbtcp_") not in design_metric_names()
+
+
+def test_labels_and_label_values_are_lbtcps() -> None:
+    values = {
+        "reason": set(REFUSAL_REASONS),
+        "state": set(SERVER_STATES),
+        "result": set(QUERY_RESULTS),
+        "kind": set(CONNECT_FAILURE_KINDS),
+        "job": {JOB},
+    }
+    seen = set()
+    for rule in load_rules():
+        expr = rule["expr"]
+        assert label_lists(expr) <= LABEL_NAMES, rule["alert"]
+        for metric, label, op, value in matchers(expr):
+            assert label in LABEL_NAMES, f"{rule['alert']}: label {label} on {metric}"
+            assert label in values, f"{rule['alert']}: no known values for {label}"
+            alternatives = value.split("|") if op in ("=~", "!~") else [value]
+            for alternative in alternatives:
+                assert alternative in values[label], (
+                    f"{rule['alert']}: {metric}{{{label}{op}{value!r}}}: {alternative!r} is "
+                    f"not one of lbtcp's values {sorted(values[label])}"
+                )
+            seen.add((label, value))
+    assert ("reason", "no_healthy") in seen
+    assert ("result", "ok") in seen
+    assert ("state", "draining|disabled") in seen
+
+
+def test_every_alert_has_a_severity_and_says_what_to_check() -> None:
+    names = alert_names()
+    assert len(names) == len(set(names)), "duplicate alert names"
+    for rule in load_rules():
+        assert rule["alert"].startswith("Lbtcp"), rule["alert"]
+        assert rule.get("labels", {}).get("severity") in SEVERITIES, rule["alert"]
+        annotations = rule.get("annotations", {})
+        assert annotations.get("summary"), rule["alert"]
+        description = annotations.get("description", "")
+        assert "First check" in description, f"{rule['alert']}: no first thing to check"
+        causes = ("overload", "config", "network", "DNS", "dns")
+        assert any(cause in description for cause in causes), (
+            f"{rule['alert']}: names no likely cause"
+        )
