@@ -59,8 +59,13 @@ class GlobalConfig:
 
 @dataclass(frozen=True)
 class AdminConfig:
+    """``[admin]``. ``token`` is the effective token: the ``token`` key's value or the first
+    line of ``token_file`` (read at load time); empty means no token."""
+
     listen: Endpoint
     token: str = ""
+    token_file: str = ""
+    auth_reads: bool = False
 
 
 @dataclass(frozen=True)
@@ -373,16 +378,61 @@ def _parse_global(reader: _Reader | None) -> GlobalConfig:
     return result
 
 
-def _parse_admin(reader: _Reader | None) -> AdminConfig | None:
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
+
+
+def _admin_listen(value: object) -> Endpoint:
+    return parse_endpoint(_str(value), allow_names=False)
+
+
+def _read_token_file(reader: _Reader, path: str, source: str) -> str:
+    """The first line of ``path`` (relative to the config file's folder), as a systemd
+    credential or a Kubernetes secret holds it."""
+    full = Path(source).parent / path if source else Path(path)
+    try:
+        with full.open("rb") as handle:
+            first = handle.readline(64 * 1024)
+    except OSError as exc:
+        reader.error(f"cannot read {path!r}: {exc.strerror or exc}", "token_file")
+        return ""
+    try:
+        token = first.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        reader.error(f"{path!r} is not UTF-8 text", "token_file")
+        return ""
+    if not token:
+        reader.error(f"{path!r} holds no token on its first line", "token_file")
+    return token
+
+
+def _parse_admin(reader: _Reader | None, source: str) -> AdminConfig | None:
     if reader is None:
         return None
-    listen = reader.get(
-        "listen", Endpoint("127.0.0.1", 9900), lambda v: parse_endpoint(_str(v), allow_names=False)
-    )
+    listen = reader.get("listen", Endpoint("127.0.0.1", 9900), _admin_listen)
     token = reader.get("token", "", _str)
+    token_file = reader.get("token_file", "", _str)
+    auth_reads = reader.get("auth_reads", False, _bool)
     reader.finish()
-    reader.error("the admin API is not available yet; remove the [admin] table")
-    return AdminConfig(listen=listen, token=token)
+    if token and token_file:
+        reader.error("'token' and 'token_file' are both set; give one")
+    elif token_file:
+        token = _read_token_file(reader, token_file, source)
+    if token and not _TOKEN_RE.match(token):
+        # It travels in an HTTP header: spaces or control characters could never match.
+        key = "token_file" if token_file else "token"
+        reader.error("the token may hold only visible ASCII characters, no spaces", key)
+    if auth_reads and not token:
+        reader.error("auth_reads = true needs a token (token or token_file)", "auth_reads")
+    if not token and not ipaddress.ip_address(listen.host).is_loopback:
+        # Redis' "protected mode": an open control API on a routable address lets anyone who
+        # reaches it drain, disable or reweight every server.
+        reader.error(
+            f"{listen} is not a loopback address and no token is set: anyone who can reach "
+            "it could drain, disable or reweight servers and read the topology; set "
+            "admin.token or admin.token_file, or listen on 127.0.0.1 or [::1]",
+            "listen",
+        )
+    return AdminConfig(listen=listen, token=token, token_file=token_file, auth_reads=auth_reads)
 
 
 def _parse_resolver(reader: _Reader | None) -> ResolverConfig:
@@ -608,7 +658,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     errors: list[str] = []
     top = _Reader(dict(data), "", errors)
     global_ = _parse_global(top.sub("global"))
-    admin = _parse_admin(top.sub("admin"))
+    admin = _parse_admin(top.sub("admin"), source)
     resolver = _parse_resolver(top.sub("resolver"))
     pools = {
         name: _parse_pool(name, reader, BUILTIN_BALANCERS)

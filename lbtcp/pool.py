@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 from lbtcp.addresses import Endpoint, parse_endpoint
 from lbtcp.balancing import Balancer, Client, create_balancer
-from lbtcp.config import PoolConfig, ServerConfig
+from lbtcp.config import MAX_WEIGHT, PoolConfig, ServerConfig
 from lbtcp.counters import CONNECT_BUCKETS, Histogram
 from lbtcp.events import Event, PoolEmpty, ServerAdded, ServerEjected, ServerStateChanged
 from lbtcp.health import Admin, AdminAction, PoolHealth, ProbeResult
@@ -268,6 +268,21 @@ class Pool:
     def admin(self, name: str, action: AdminAction, now: float) -> list[Event]:
         """Drain, enable or disable a server. KeyError if the pool has no such server."""
         return self._sync(self.health.admin(name, action, now), now)
+
+    def set_weight(self, name: str, weight: int, now: float) -> int:
+        """Set a server's weight at runtime (admin API); returns the old weight. Weight 0
+        takes no new sessions; live ones go on. KeyError if the pool has no such server,
+        ValueError if the weight is outside 0..MAX_WEIGHT."""
+        server = self.servers[name]
+        if not 0 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"weight {weight} is out of range (0..{MAX_WEIGHT})")
+        old = server.weight
+        server.weight = weight
+        # The balancers keep per-server state (smooth round-robin credit, the Maglev table)
+        # built from the weights: they must see the change, as for a membership change.
+        self.balancer.update(list(self.servers.values()))
+        self.refresh_weights(now)
+        return old
 
     def tick(self, now: float) -> list[Event]:
         """Timers due by ``now`` (ejection expiries); also advances slow-start ramps."""

@@ -15,6 +15,8 @@ import sys
 import time
 
 from lbtcp import __version__
+from lbtcp.admin.routes import Router
+from lbtcp.admin.server import AdminServer
 from lbtcp.config import Config
 from lbtcp.counters import ReloadStats
 from lbtcp.discovery import Discovery
@@ -27,7 +29,7 @@ from lbtcp.events import (
     ServerEjected,
     ServerStateChanged,
 )
-from lbtcp.health import State
+from lbtcp.health import AdminAction, State
 from lbtcp.listener import Listener
 from lbtcp.log import Log
 from lbtcp.pool import Pool
@@ -54,6 +56,10 @@ class Runtime:
         self.discovery: Discovery | None = None
         self._stop_requested: asyncio.Event | None = None
         self._stop_mode = "drain"
+        # True from the moment a stop starts: /healthz answers 503 so that a fronting load
+        # balancer or Kubernetes takes this instance out while live sessions drain.
+        self.draining = False
+        self.admin: AdminServer | None = None
 
     def build(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -100,6 +106,8 @@ class Runtime:
                     server=event.server,
                     old=event.old.value,
                     new=event.new.value,
+                    # The category, for filtering: probe, passive, dns, admin, removed, ...
+                    reason=event.reason.partition(":")[0].strip(),
                 )
                 if event.marked_down and pool.config.on_server_down == "close":
                     self._close_server_sessions(pool, event.server)
@@ -187,10 +195,53 @@ class Runtime:
     def active_sessions(self) -> int:
         return sum(listener.active for listener in self.listeners.values())
 
+    # --- runtime control (the admin API) ------------------------------------------------
+
+    def server_admin(self, pool_name: str, server_name: str, action: AdminAction) -> None:
+        """Drain, enable or disable a server; the state change is logged by ``on_events``.
+        KeyError if there is no such pool or server."""
+        assert self._loop is not None
+        pool = self.pools[pool_name]
+        self.on_events(pool, pool.admin(server_name, action, self._loop.time()))
+
+    def server_weight(self, pool_name: str, server_name: str, weight: int) -> None:
+        """Set a server's weight at runtime (0..256). KeyError / ValueError on bad input."""
+        assert self._loop is not None
+        pool = self.pools[pool_name]
+        old = pool.set_weight(server_name, weight, self._loop.time())
+        self.log.event(
+            "server_weight",
+            "admin: weight",
+            pool=pool_name,
+            server=server_name,
+            old=old,
+            new=weight,
+            reason="admin",
+        )
+
+    async def _start_admin(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The admin API, on the data plane's loop. Raises OSError if it cannot bind."""
+        admin_config = self.config.admin
+        if admin_config is None:
+            return
+        router = Router(self, admin_config, self._on_admin_error)
+        self.admin = AdminServer(str(admin_config.listen), router.handle, self.log, loop)
+        await self.admin.start()
+        self.log.event(
+            "admin_listening",
+            "admin API serving",
+            address=self.admin.address,
+            auth="token" if admin_config.token else "none",
+        )
+
+    def _on_admin_error(self, what: str, exc: BaseException) -> None:
+        self.log.event("admin_error", f"{what} failed", error=f"{type(exc).__name__}: {exc}")
+
     def request_stop(self, mode: str) -> None:
         """Signal handler: ``drain`` (SIGTERM) or ``now`` (SIGINT)."""
         if self._stop_requested is None:
             return
+        self.draining = True
         if self._stop_requested.is_set():
             if mode == "now":
                 self._stop_mode = "now"  # a second signal may cut a drain short
@@ -217,10 +268,13 @@ class Runtime:
         try:
             for listener in self.listeners.values():
                 await listener.start()
+            await self._start_admin(loop)
         except OSError as exc:
             self.log.event("error", f"cannot listen: {exc.strerror or exc}", error=str(exc))
             for listener in self.listeners.values():
                 listener.stop_accepting()
+            if self.admin is not None:
+                self.admin.close()
             await self.discovery.close()
             return 1
         for listener in self.listeners.values():
@@ -276,6 +330,9 @@ class Runtime:
             if not self.active_sessions:
                 break
             await asyncio.sleep(0.01)
+        # The admin API closes last: /healthz says 503 and /status stays readable throughout.
+        if self.admin is not None:
+            self.admin.close()
         self.log.event("stop", "lbtcp stopped", closed_sessions=left)
         self.log.flush()
 
