@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from lbtcp import __version__
+from lbtcp.addresses import AddressError, Endpoint, parse_endpoint
 from lbtcp.config import Config, ConfigError, load_config
 
+if TYPE_CHECKING:
+    from lbtcp.admin.client import AdminClient
+
 EXIT_BAD_CONFIG = 2
+EXIT_FAILURE = 1
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _load_or_exit(path: str) -> Config:
@@ -48,6 +60,193 @@ def check(config: str) -> None:
         f"{config}: OK: {len(parsed.listeners)} listener(s), {len(parsed.pools)} pool(s), "
         f"{servers} server(s)"
     )
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr and exit 1: what an admin command prints instead of a traceback."""
+    click.echo(f"lbtcp: {message}", err=True)
+    sys.exit(EXIT_FAILURE)
+
+
+def _endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> Endpoint | None:
+    if value is None:
+        return None
+    try:
+        return parse_endpoint(value)
+    except AddressError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _admin_options(command: F) -> F:
+    """The options every admin command shares (DESIGN.md section 1)."""
+    options = [
+        click.option(
+            "--admin",
+            metavar="HOST:PORT",
+            callback=_endpoint,
+            help="The admin API's address (default: the config's [admin] listen with -c, "
+            "else 127.0.0.1:9900).",
+        ),
+        click.option(
+            "-c",
+            "--config",
+            type=click.Path(dir_okay=False),
+            help="Take the admin address and token from this config's [admin] table.",
+        ),
+        click.option(
+            "--token",
+            metavar="TOKEN",
+            help="The admin token (default: $LBTCP_ADMIN_TOKEN, else the config's, with -c).",
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="SECONDS",
+            default=5.0,
+            show_default=True,
+            help="Seconds to wait for the admin API to connect and to answer.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _admin_client(
+    admin: Endpoint | None, config: str | None, token: str | None, timeout: float
+) -> AdminClient:
+    from lbtcp.admin.client import AdminClient, AdminError, choose_target
+
+    settings = None
+    if config is not None:
+        settings = _load_or_exit(config).admin
+        if settings is None:
+            _fail(f"{config} has no [admin] table: lbtcp serve runs no admin API with it")
+    try:
+        endpoint, secret = choose_target(admin, settings, token, os.environ)
+    except AdminError as exc:
+        _fail(str(exc))
+    return AdminClient(endpoint, secret, timeout)
+
+
+@main.command()
+@_admin_options
+@click.option("--json", "as_json", is_flag=True, help="Print the /status JSON document.")
+@click.option("--watch", is_flag=True, help="Redraw every second until Ctrl-C.")
+def status(
+    admin: Endpoint | None,
+    config: str | None,
+    token: str | None,
+    timeout: float,
+    as_json: bool,
+    watch: bool,
+) -> None:
+    """Show the live pools and servers, from the admin API."""
+    from rich.console import Console
+
+    from lbtcp.admin import table
+    from lbtcp.admin.client import AdminError
+
+    if as_json and watch:
+        raise click.UsageError("--json and --watch do not go together")
+    with _admin_client(admin, config, token, timeout) as client:
+        try:
+            if watch:
+                with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+                    table.watch(client.status, Console(), errors=(AdminError,))
+                return
+            document = client.status()
+        except AdminError as exc:
+            _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+    elif sys.stdout.isatty():
+        Console().print(table.render_status(document, time.time()))
+    else:
+        click.echo(table.status_text(document, time.time()), nl=False)
+
+
+def _change(
+    action: str,
+    pool: str,
+    server: str,
+    weight: int,
+    options: tuple[Endpoint | None, str | None, str | None, float],
+) -> None:
+    from lbtcp.admin.client import AdminError, apply_change
+
+    with _admin_client(*options) as client:
+        try:
+            line = apply_change(client, pool, server, action, weight)
+        except AdminError as exc:
+            _fail(str(exc))
+    click.echo(line)
+
+
+@main.command()
+@click.argument("pool")
+@click.argument("server")
+@_admin_options
+def drain(
+    pool: str,
+    server: str,
+    admin: Endpoint | None,
+    config: str | None,
+    token: str | None,
+    timeout: float,
+) -> None:
+    """Drain SERVER of POOL: no new sessions; live ones and probes go on."""
+    _change("drain", pool, server, 0, (admin, config, token, timeout))
+
+
+@main.command()
+@click.argument("pool")
+@click.argument("server")
+@_admin_options
+def enable(
+    pool: str,
+    server: str,
+    admin: Endpoint | None,
+    config: str | None,
+    token: str | None,
+    timeout: float,
+) -> None:
+    """Enable SERVER of POOL: back in rotation after drain or disable."""
+    _change("enable", pool, server, 0, (admin, config, token, timeout))
+
+
+@main.command()
+@click.argument("pool")
+@click.argument("server")
+@_admin_options
+def disable(
+    pool: str,
+    server: str,
+    admin: Endpoint | None,
+    config: str | None,
+    token: str | None,
+    timeout: float,
+) -> None:
+    """Disable SERVER of POOL: out of rotation, not probed; live sessions go on."""
+    _change("disable", pool, server, 0, (admin, config, token, timeout))
+
+
+@main.command()
+@click.argument("pool")
+@click.argument("server")
+@click.argument("n", type=click.IntRange(0, 256))
+@_admin_options
+def weight(
+    pool: str,
+    server: str,
+    n: int,
+    admin: Endpoint | None,
+    config: str | None,
+    token: str | None,
+    timeout: float,
+) -> None:
+    """Set the weight of SERVER of POOL to N (0..256) at runtime."""
+    _change("weight", pool, server, n, (admin, config, token, timeout))
 
 
 def _add_bench_commands() -> None:
