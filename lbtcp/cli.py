@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -149,7 +149,7 @@ def status(
 
     if as_json and watch:
         raise click.UsageError("--json and --watch do not go together")
-    with _admin_client(admin, config, token, timeout) as client:
+    with _admin_client(admin, config, token, timeout) as client, _reader_may_leave():
         try:
             if watch:
                 with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
@@ -158,12 +158,24 @@ def status(
             document = client.status()
         except AdminError as exc:
             _fail(str(exc))
-    if as_json:
-        click.echo(json.dumps(document, indent=2))
-    elif sys.stdout.isatty():
-        Console().print(table.render_status(document, time.time()))
-    else:
-        click.echo(table.status_text(document, time.time()), nl=False)
+        if as_json:
+            click.echo(json.dumps(document, indent=2))
+        elif sys.stdout.isatty():
+            Console().print(table.render_status(document, time.time()))
+        else:
+            click.echo(table.status_text(document, time.time()), nl=False)
+
+
+@contextlib.contextmanager
+def _reader_may_leave() -> Iterator[None]:
+    """``lbtcp status | head``: the reader going away is not an error of ours. Exit 0, and
+    point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        yield
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
 
 
 def _change(

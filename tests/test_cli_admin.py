@@ -1158,3 +1158,30 @@ def test_admin_on_ipv6_loopback(backends: Backends, start_lbtcp: StartLbtcp) -> 
     result = lbtcp("disable", "app", "s2", "--admin", admin)
     assert result.returncode == 0, result.stderr
     assert re.search(r"\bs2 +disabled ", row(lbtcp("status", "--admin", admin).stdout, "s2"))
+
+
+@pytest.mark.parametrize("args", [(), ("--json",), ("--watch",)])
+def test_status_into_a_pipe_that_closes_early(args: tuple[str, ...]) -> None:
+    """``lbtcp status | head -1`` with a large document: exit 0, no traceback."""
+    doc = sample_document()
+    doc["pools"][0]["servers"] = [dict(SERVER_A, name=f"s{i}") for i in range(3000)]
+    with peer(lambda path: _json(200, doc)) as server:
+        admin = f"127.0.0.1:{server.server_address[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lbtcp", "status", "--admin", admin, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline()
+        proc.stdout.close()
+        try:
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        errors = proc.stderr.read().decode()
+        proc.stderr.close()
+    assert errors == ""
