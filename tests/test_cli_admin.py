@@ -677,6 +677,8 @@ def test_client_keeps_one_connection_and_sends_the_token() -> None:
         ),
         ((503, {}, b"<html>\n<h1>busy</h1>"), r"with 503 Service Unavailable: <html>$"),
         ((200, {}, b"SSH-2.0-OpenSSH"), r"body that is not JSON"),
+        ((200, {}, b"[" * 100_000), r"body that is not JSON"),
+        ((500, {}, b"[" * 100_000), r"with 500 Internal Server Error: \[{200}$"),
         ((0, {}, b""), r"cannot reach .*: the connection was closed before an answer came$"),
     ],
 )

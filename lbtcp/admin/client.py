@@ -163,7 +163,7 @@ def _error_text(body: bytes) -> str:
     """The ``error`` member of a JSON error body, else the body's first line (bounded)."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
         data = None
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         return printable(" ".join(data["error"].split()))
@@ -245,7 +245,7 @@ class AdminClient:
             return None
         try:
             return json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise AdminError(
                 f"{self._where()} answered {method} {path} with a body that is not JSON"
                 " (is something else listening on that port?)",
