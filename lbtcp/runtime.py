@@ -2,7 +2,9 @@
 
 SIGTERM drains: the listening sockets close (new clients get ECONNREFUSED), live sessions may
 finish for up to ``drain_timeout``, then the rest are closed (``ST``) and the process exits 0.
-SIGINT closes everything at once. SIGHUP is caught (so that it cannot kill the process by
+From the first stop signal ``draining`` is true (``/healthz`` answers 503); the admin server,
+on the same loop, keeps answering through the drain and is closed last. SIGINT closes
+everything at once. SIGHUP is caught (so that it cannot kill the process by
 default) and logged: configuration reload is not implemented yet.
 """
 

@@ -18,8 +18,10 @@ hostile input without harm to the data plane:
   answered 503 and closed to make room: a flood of idle connections then cannot lock
   ``/healthz`` out until their timeouts run, as a plain "refuse the newcomer" cap would.
 - **CPU.** One request is handled per loop iteration: pipelined requests are answered one
-  after another through ``call_soon``, so the data plane runs between them. A client that
-  does not read its answers stops being read (``pause_writing`` -> ``pause_reading``).
+  after another through ``call_soon``, so the data plane runs between them; while requests
+  already received wait for their turn, the client is not read, so the input buffered per
+  connection stays at about one read. A client that does not read its answers stops being
+  read too (``pause_writing`` -> ``pause_reading``).
 - **Errors** end the connection with a *lingering close*: the answer, then a FIN, then the
   client's remaining bytes are read and dropped for up to ``LINGER_TIME``. Closing at once with
   unread bytes would send an RST, which makes the client's kernel drop the answer unread.
@@ -79,7 +81,9 @@ class AdminConnection(asyncio.Protocol):
         "_body",
         "_hconn",
         "_head",
+        "_peer_eof",
         "_pending",
+        "_reading",
         "_served",
         "_started",
         "_timer",
@@ -99,8 +103,10 @@ class AdminConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._pending = False  # a _process call is scheduled
+        self._reading = True  # the transport is reading (not paused)
         self._served = 0  # requests answered on this connection
         self._started = False  # a byte of the current request has arrived
+        self._peer_eof = False  # the client has half-closed: nothing more will arrive
 
     # --- asyncio callbacks ---------------------------------------------------------------
 
@@ -132,6 +138,7 @@ class AdminConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         """Called by the loop when the client half-closes. Keeps our side open so that a
         request followed by a FIN still gets its answer."""
+        self._peer_eof = True
         try:
             if self.state is LINGERING:
                 self._close()
@@ -147,16 +154,13 @@ class AdminConnection(asyncio.Protocol):
         """Called by the loop when our write buffer passes WRITE_HIGH: the client does not
         read its answers, so stop reading its requests."""
         self._write_paused = True
-        if self.transport is not None and self.state is OPEN:
-            self.transport.pause_reading()
+        self._set_reading(False)
 
     def resume_writing(self) -> None:
         """Called by the loop when the write buffer is down to WRITE_LOW."""
         self._write_paused = False
         try:
-            if self.transport is not None and self.state is OPEN:
-                self.transport.resume_reading()
-                self._schedule()
+            self._schedule()  # reading resumes once what is buffered has been answered
         except Exception as exc:
             self._fail(exc)
 
@@ -168,9 +172,19 @@ class AdminConnection(asyncio.Protocol):
 
     # --- the request cycle ---------------------------------------------------------------
 
+    def _set_reading(self, on: bool) -> None:
+        if on != self._reading and self.transport is not None and self.state is OPEN:
+            self._reading = on
+            if on:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
     def _schedule(self) -> None:
+        """Process what is buffered in a later loop turn; read nothing more until then."""
         if not self._pending and self.state is OPEN:
             self._pending = True
+            self._set_reading(False)
             self.server.loop.call_soon(self._resume)
 
     def _resume(self) -> None:
@@ -197,7 +211,10 @@ class AdminConnection(asyncio.Protocol):
                     message = f"malformed HTTP request: {exc}"
                 self._final(error(status, message, close=True))
                 return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
+            if event is h11.NEED_DATA:
+                self._set_reading(not self._pending)  # all buffered input is consumed
+                return
+            if event is h11.PAUSED:
                 return
             if isinstance(event, h11.Request):
                 if not self._on_head(event):
@@ -260,6 +277,8 @@ class AdminConnection(asyncio.Protocol):
         self.server.waiting(self)
         if self._started or self._hconn.trailing_data[1]:
             self._schedule()  # pipelined bytes (or an EOF) are already here
+        else:
+            self._set_reading(not self._write_paused)
 
     def _respond(self, response: Response, head_only: bool = False) -> None:
         headers = [
@@ -328,9 +347,10 @@ class AdminConnection(asyncio.Protocol):
         if transport is None or self.state is not OPEN:
             return
         self._cancel_timer()
-        if not self._started:
-            # Nothing of a request is on its way (a silent or idle connection): nothing can
-            # arrive unread, so a plain close (the answer, then a FIN) is safe.
+        if not self._started or self._peer_eof:
+            # Nothing of a request is on its way (a silent or idle connection, or the client
+            # has sent its FIN): nothing can arrive unread, so a plain close (the answer,
+            # then a FIN) is safe.
             self._close()
             return
         self.state = LINGERING
@@ -341,6 +361,7 @@ class AdminConnection(asyncio.Protocol):
             return
         try:
             transport.write_eof()
+            self._reading = True
             transport.resume_reading()
         except (OSError, RuntimeError):
             self._abort()
