@@ -28,8 +28,17 @@ from hypothesis import strategies as st
 
 from lbtcp.addresses import Endpoint
 from lbtcp.admin import server as admin_server
-from lbtcp.admin.routes import Request, Response, Route, authorize, match, parse_weight
-from lbtcp.config import AdminConfig
+from lbtcp.admin.routes import (
+    Request,
+    Response,
+    Route,
+    Router,
+    authorize,
+    match,
+    parse_weight,
+)
+from lbtcp.config import AdminConfig, PoolConfig
+from lbtcp.pool import Pool, Server
 from tests.support import EchoProcess, Lbtcp, open_session, wait_until
 
 TOKEN = "t0ken-for-tests"
@@ -297,6 +306,37 @@ def test_parse_weight(body: bytes, expect: int | str) -> None:
 def test_parse_weight_is_a_weight_in_range_or_a_message(body: bytes) -> None:
     result = parse_weight(body)
     assert isinstance(result, str) or 0 <= result <= 256
+
+
+def test_a_handler_bug_is_a_500_and_reported_never_raised() -> None:
+    class Broken:
+        """A runtime missing what the /status document reads."""
+
+        draining = False
+
+    reported: list[tuple[str, BaseException]] = []
+    config = AdminConfig(Endpoint("127.0.0.1", 0))
+    router = Router(Broken(), config, lambda what, exc: reported.append((what, exc)))  # type: ignore[arg-type]
+    reply = router.handle(Request("GET", "/status"))  # status_document() fails on this object
+    assert reply.status == 500 and json.loads(reply.body)["error"].startswith("internal error")
+    assert reported and reported[0][0] == "GET /status"
+    assert router.handle(Request("GET", "/healthz")).status == 200  # and it goes on
+
+
+def test_pool_set_weight_feeds_the_balancer() -> None:
+    pool_config = PoolConfig("app", servers=())
+    pool = Pool(pool_config, [Server("a", "127.0.0.1", 1), Server("b", "127.0.0.1", 2)])
+    client = pool.client("127.0.0.1", 5)
+    assert pool.set_weight("a", 3, 0.0) == 1
+    picks = [pool.choose(client) for _ in range(40)]
+    assert [s.name for s in picks if s is not None].count("a") == 30
+    assert pool.set_weight("a", 0, 0.0) == 3
+    assert {s.name for s in (pool.choose(client) for _ in range(5)) if s is not None} == {"b"}
+    with pytest.raises(KeyError):
+        pool.set_weight("zz", 1, 0.0)
+    with pytest.raises(ValueError, match="out of range"):
+        pool.set_weight("a", 257, 0.0)
+    assert pool.servers["a"].weight == 0
 
 
 # --- a live lbtcp ----------------------------------------------------------------------------
@@ -714,6 +754,8 @@ def _check_answer(data: bytes, method: str, reset: bool) -> None:
         return  # nothing complete arrived before the EOF (or a reset): closed, no answer due
     reply = parse_raw_reply(data, "HEAD" if method == "HEAD" else "GET")
     assert 200 <= reply.status < 300 or 400 <= reply.status < 500, (reply.status, reply.body)
+    if reply.status < 300:
+        assert method in ("GET", "HEAD", "POST"), (method, reply.status)
     if method != "HEAD" and reply.status >= 400:
         assert reply.error
     if reply.status == 405:

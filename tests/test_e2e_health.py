@@ -274,7 +274,8 @@ def health_config(
 
 
 def state_pattern(server: str, new: str, old: str = r"\S+") -> str:
-    return rf"server_state .*server={server} old={old} new={new}$"
+    # The state word ends at a space (the reason= field follows) or the line's end.
+    return rf"server_state .*server={server} old={old} new={new}(?: |$)"
 
 
 def logged_at(line: str) -> float:
