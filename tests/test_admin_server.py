@@ -831,6 +831,9 @@ def test_a_client_that_never_reads_is_not_read_either(live: Live) -> None:
 def test_1000_silent_connections_are_cut_at_the_limits_while_healthz_answers(
     live: Live,
 ) -> None:
+    # One wait of the real 10 s request timeout covers every timeout case: the silent
+    # connections (408), a request that stalls half-way (408), and a kept-alive connection
+    # that sends nothing more (closed without an answer).
     assert admin_server.REQUEST_TIMEOUT == 10.0 and admin_server.MAX_CONNECTIONS == 64
     started = time.monotonic()
     socks = []
@@ -851,6 +854,11 @@ def test_1000_silent_connections_are_cut_at_the_limits_while_healthz_answers(
     assert get(live.admin, "/healthz").status == 200
     healthz_time = time.monotonic() - asked
     assert healthz_time < 1.0, healthz_time
+    stalled = socket.create_connection(live.admin, timeout=15)
+    stalled.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n")  # no blank line: never ends
+    idle = Http(live.admin, timeout=15)
+    assert idle.request("GET", "/healthz").status == 200
+    stalled_at = time.monotonic()
 
     outcomes: dict[str, int] = {"503": 0, "408": 0, "reset": 0, "eof": 0}
     late_408 = []
@@ -882,23 +890,18 @@ def test_1000_silent_connections_are_cut_at_the_limits_while_healthz_answers(
         sock.close()
     assert not open_socks, f"{len(open_socks)} connections were never cut; {outcomes}"
     # Every connection was cut with an answer: by the cap (503: the longest-waiting one makes
-    # room for each newcomer) or, for the last 64 held, by the request timeout, not before
-    # 10 s. The /healthz connection took one place while it was open.
+    # room for each newcomer) or, for the last ones held, by the request timeout, not before
+    # 10 s. The three later connections took up to three of the 64 places.
     assert outcomes["reset"] == outcomes["eof"] == 0, outcomes
     assert outcomes["503"] + outcomes["408"] == 1000, outcomes
-    assert 63 <= outcomes["408"] <= 64, outcomes
+    assert 61 <= outcomes["408"] <= 64, outcomes
     assert min(late_408) >= admin_server.REQUEST_TIMEOUT - 0.5, late_408
-    assert get(live.admin, "/healthz").status == 200
 
-
-def test_408_for_a_request_that_stalls_and_idle_keep_alive_closes_quietly(live: Live) -> None:
-    with socket.create_connection(live.admin, timeout=15) as stalled, Http(live.admin, 15) as idle:
-        stalled.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n")  # no blank line: never ends
-        assert idle.request("GET", "/healthz").status == 200
-        started = time.monotonic()
+    with stalled, idle:
         data, _ = read_all(stalled, timeout=15)
-        waited = time.monotonic() - started
+        waited = time.monotonic() - stalled_at
         assert_error(parse_raw_reply(data), 408, "did not arrive within 10 s")
         assert admin_server.REQUEST_TIMEOUT - 0.5 <= waited <= admin_server.REQUEST_TIMEOUT + 3
         # The kept-alive connection that sent nothing more is closed without an answer.
         assert read_all(idle.sock, timeout=15) == (b"", False)
+    assert get(live.admin, "/healthz").status == 200
