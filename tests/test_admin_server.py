@@ -7,9 +7,11 @@ with answers parsed by h11 on the client side, as a real HTTP client would parse
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import random
 import re
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import h11
 import pytest
+import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,8 +40,10 @@ from lbtcp.admin.routes import (
     match,
     parse_weight,
 )
-from lbtcp.config import AdminConfig, PoolConfig
+from lbtcp.config import AdminConfig, PoolConfig, parse_config
+from lbtcp.log import Log
 from lbtcp.pool import Pool, Server
+from lbtcp.runtime import Runtime
 from tests.support import EchoProcess, Lbtcp, open_session
 
 TOKEN = "t0ken-for-tests"
@@ -913,3 +918,96 @@ def test_1000_silent_connections_are_cut_at_the_limits_while_healthz_answers(
         # The kept-alive connection that sent nothing more is closed without an answer.
         assert read_all(idle.sock, timeout=15) == (b"", False)
     assert get(live.admin, "/healthz").status == 200
+
+
+# --- in process, on both event loops ---------------------------------------------------------
+
+
+async def _replies(reader: asyncio.StreamReader, methods: list[str]) -> list[h11.Response]:
+    """Read one answer per method from ``reader`` (h11 parses them)."""
+    conn = h11.Connection(h11.CLIENT)
+    answers: list[h11.Response] = []
+    for method in methods:
+        conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+        conn.send(h11.EndOfMessage())
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Response):
+                answers.append(event)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+    return answers
+
+
+async def _exercise(runtime: Runtime, server: admin_server.AdminServer) -> None:
+    await server.start()
+    host, port = server.address.rsplit(":", 1)
+    # Keep-alive and pipelining, a control action among them.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /pools/app/servers/a/drain HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        b"HEAD /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    answers = await _replies(reader, ["GET", "POST", "HEAD"])
+    assert [a.status_code for a in answers] == [200, 200, 404]
+    writer.close()
+    # A 413 while the body is still coming: lingering close, the answer arrives.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n" + b"y" * 5000)
+    data = await reader.read()  # until lbtcp's FIN
+    assert parse_raw_reply(data).status == 413
+    writer.close()
+    # The cap (4 here): the longest-waiting connection makes room for a newcomer.
+    silent = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
+    newcomer = await asyncio.open_connection(host, int(port))
+    evicted = await asyncio.wait_for(silent[0][0].read(), 5)
+    assert parse_raw_reply(evicted).status == 503
+    newcomer[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [a.status_code for a in await _replies(newcomer[0], ["GET"])] == [200]
+    for _, w in [*silent, newcomer]:
+        w.close()
+    # Garbage, then an abrupt reset mid-request: nothing reaches the loop's handler.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"\x16\x03\x01\x02\x00garbage\r\n\r\n")
+    assert parse_raw_reply(await reader.read()).status == 400
+    writer.close()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /pools/app/servers/a/weight HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n")
+    await writer.drain()
+    writer.transport.abort()
+    await asyncio.sleep(0.05)
+    assert runtime.draining is False
+    server.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_in_process_on_both_loops_without_loop_errors(loop_kind: str) -> None:
+    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    config = parse_config(
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "listeners": {"web": {"bind": "127.0.0.1:0", "pool": "app"}},
+            "pools": {"app": {"servers": [{"address": "127.0.0.1:9", "name": "a"}]}},
+        }
+    )
+    assert config.admin is not None
+    runtime = Runtime(config, Log(stream=io.StringIO()))
+    try:
+        runtime.build(loop)
+        router = Router(runtime, config.admin)
+        server = admin_server.AdminServer(
+            "127.0.0.1:0", router.handle, runtime.log, loop, max_connections=4
+        )
+        loop.run_until_complete(asyncio.wait_for(_exercise(runtime, server), 20))
+        loop.run_until_complete(asyncio.sleep(0.05))  # let the closes run
+    finally:
+        loop.close()
+    assert not errors, errors
+    assert runtime.pools["app"].health.state("a").value == "draining"
