@@ -211,6 +211,8 @@ class Runtime:
         assert self._loop is not None
         pool = self.pools[pool_name]
         old = pool.set_weight(server_name, weight, self._loop.time())
+        if old == weight:
+            return  # nothing changed, nothing to log (as a repeated drain)
         self.log.event(
             "server_weight",
             "admin: weight",

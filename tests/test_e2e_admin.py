@@ -172,6 +172,8 @@ def test_weight_changes_the_share_of_new_sessions(
     # Weight 0: no new sessions at all, the server stays healthy.
     assert_action(post(admin, "/pools/app/servers/a/weight", b'{"weight": 0}'), "a", "healthy", 0)
     assert sessions_per_server(backends, address, ports, 6) == {ports[0]: 0, ports[1]: 6}
+    # The same weight again changes nothing and logs nothing.
+    assert_action(post(admin, "/pools/app/servers/a/weight", b'{"weight": 0}'), "a", "healthy", 0)
     assert len(lbtcp.matching(r"\bserver_weight\b")) == 2
 
 
