@@ -105,6 +105,8 @@ def test_drain_keeps_the_live_session_sends_no_new_one_and_enable_puts_it_back(
         line = lbtcp.wait_line(r"\bserver_state\b", start=lines)
         assert f"server={drained}" in line and "new=draining" in line and "reason=admin" in line
         assert status_server(admin, drained)["state"] == "draining"
+        # Draining it again changes nothing (and logs nothing: see the count below).
+        assert_action(post(admin, f"/pools/app/servers/{drained}/drain"), drained, "draining", 1)
         # No new session goes to it...
         assert sessions_per_server(backends, address, ports, 10) == {
             drained_port: 0,
@@ -117,7 +119,7 @@ def test_drain_keeps_the_live_session_sends_no_new_one_and_enable_puts_it_back(
     # Back in rotation: round robin shares again.
     assert sessions_per_server(backends, address, ports, 10) == {drained_port: 5, other_port: 5}
     states = lbtcp.matching(r"\bserver_state\b.*reason=admin")
-    assert len(states) == 2, states  # one line per action
+    assert len(states) == 2, states  # one line per action that changed something
     assert "new=healthy" in states[1]
 
 
