@@ -15,6 +15,7 @@ import io
 import json
 import random
 import re
+import resource
 import select
 import socket
 import threading
@@ -848,6 +849,12 @@ def test_1000_silent_connections_are_cut_at_the_limits_while_healthz_answers(
     # connections (408), a request that stalls half-way (408), and a kept-alive connection
     # that sends nothing more (closed without an answer).
     assert admin_server.REQUEST_TIMEOUT == 10.0 and admin_server.MAX_CONNECTIONS == 64
+    # 1,000 sockets in this process: a fresh machine's soft limit may be 1,024.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        if hard != resource.RLIM_INFINITY and hard < 2048:
+            pytest.fail(f"RLIMIT_NOFILE hard limit {hard} is below the 2,048 this test needs")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
     started = time.monotonic()
     socks = []
     for _ in range(1000):
