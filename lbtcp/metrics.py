@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,7 +65,9 @@ __all__ = [
     "families",
     "registry_for",
     "render",
+    "to_prometheus",
     "wants_openmetrics",
+    "write_families",
 ]
 
 # Every state a server can show (README state table); a removed server is no longer shown.
@@ -329,22 +331,26 @@ class RuntimeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         runtime = self._runtime()
-        if runtime is None:
-            return
-        for family in families(runtime):
-            labels = list(family.labels)
-            metric: CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
-            if family.kind == "histogram":
-                metric = HistogramMetricFamily(family.name, family.help, labels=labels)
-                for key, histogram in family.histograms:
-                    buckets = [(_le(b), float(n)) for b, n in histogram.cumulative()]
-                    metric.add_metric(list(key), buckets, histogram.sum)
-            else:
-                cls = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
-                metric = cls(family.name, family.help, labels=labels)
-                for key, value in family.samples:
-                    metric.add_metric(list(key), value)
-            yield metric
+        if runtime is not None:
+            yield from to_prometheus(families(runtime))
+
+
+def to_prometheus(plain: Iterable[Family]) -> Iterator[Metric]:
+    """The families as prometheus_client's metric types, for its registry and exposition."""
+    for family in plain:
+        labels = list(family.labels)
+        metric: CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
+        if family.kind == "histogram":
+            metric = HistogramMetricFamily(family.name, family.help, labels=labels)
+            for key, histogram in family.histograms:
+                buckets = [(_le(b), float(n)) for b, n in histogram.cumulative()]
+                metric.add_metric(list(key), buckets, histogram.sum)
+        else:
+            cls = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+            metric = cls(family.name, family.help, labels=labels)
+            for key, value in family.samples:
+                metric.add_metric(list(key), value)
+        yield metric
 
 
 _registries: weakref.WeakKeyDictionary[Runtime, CollectorRegistry] = weakref.WeakKeyDictionary()
@@ -451,24 +457,25 @@ def _write_family(family: Family, om: bool, out: list[str], cache: LabelCache) -
     ]
 
 
-def _write(runtime_families: Sequence[Family], om: bool) -> bytes:
+def write_families(plain: Iterable[Family], om: bool) -> str:
+    """The exposition text of ``plain``: OpenMetrics 1.0.0 syntax if ``om`` (without the
+    closing ``# EOF``, so that more families may follow), else the text format 0.0.4."""
     out: list[str] = []
     cache: LabelCache = {}
-    for family in runtime_families:
+    for family in plain:
         _write_family(family, om, out, cache)
-    if om:
-        # The library's OpenMetrics writer has no type hints.
-        process: bytes = openmetrics.generate_latest(_PROCESS)  # type: ignore[no-untyped-call]
-        eof = b"# EOF\n"
-        if process.endswith(eof):
-            process = process[: -len(eof)]
-        return "".join(out).encode() + process + eof
-    return "".join(out).encode() + exposition.generate_latest(_PROCESS)
+    return "".join(out)
 
 
 def render(runtime: Runtime, accept_header: str) -> tuple[bytes, str]:
     """The /metrics body and its content type (the admin server calls this per scrape):
     OpenMetrics 1.0.0 when the Accept header asks for it, else the text format 0.0.4."""
     om = wants_openmetrics(accept_header)
-    body = _write(families(runtime), om)
-    return body, CONTENT_TYPE_OPENMETRICS if om else CONTENT_TYPE_TEXT
+    body = write_families(families(runtime), om).encode()
+    if not om:
+        return body + exposition.generate_latest(_PROCESS), CONTENT_TYPE_TEXT
+    # The library's OpenMetrics writer has no type hints.
+    process: bytes = openmetrics.generate_latest(_PROCESS)  # type: ignore[no-untyped-call]
+    eof = b"# EOF\n"
+    process = process.removesuffix(eof)
+    return body + process + eof, CONTENT_TYPE_OPENMETRICS
