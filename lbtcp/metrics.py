@@ -451,8 +451,16 @@ def _write_family(family: Family, om: bool, out: list[str], cache: LabelCache) -
     if not names:
         out += [f"{sample_name} {_number(value)}\n" for _key, value in family.samples]
         return
+    # The per-sample work, kept to one dict lookup and one f-string in the common case (a
+    # label set rendered already, an int value): this loop runs 17,000 times for 1,000
+    # servers.
+    known = cache.get(names)
+    if known is None:
+        known = cache[names] = {}
+    get = known.get
     out += [
-        f"{sample_name}{{{_cached_labels(names, key, cache)}}} {_number(value)}\n"
+        f"{sample_name}{{{get(key) or _cached_labels(names, key, cache)}}} "
+        f"{value if value.__class__ is int else _number(value)}\n"
         for key, value in family.samples
     ]
 
