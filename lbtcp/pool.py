@@ -186,7 +186,7 @@ class Pool:
         self._backups: list[Server] = []
         self._ramping = False
         # Accept-to-connected time of the sessions it established (per pool, not per server:
-        # a histogram is 15 series, times 1,000 servers would swamp a Prometheus).
+        # a histogram is 16 series, times 1,000 servers would swamp a Prometheus).
         self.connect_seconds = Histogram(CONNECT_BUCKETS)
         # Events of the initial membership, for the runtime to log once it runs.
         self.initial_events = self.set_servers(servers, now)
