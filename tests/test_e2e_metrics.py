@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from lbtcp import __version__
 from lbtcp.metrics import SERVER_STATES
+from tests.dns_server import DOMAIN, Dnsmasq
 from tests.support import Backends, Lbtcp, closed_port, roundtrip, wait_until
 
 SIZE = 3000
@@ -73,8 +74,8 @@ def values_of(text: str) -> Values:
     }
 
 
-def value(values: Values, name: str, **labels: str) -> float:
-    return values[(name, tuple(sorted(labels.items())))]
+def value(values: Values, metric: str, /, **labels: str) -> float:
+    return values[(metric, tuple(sorted(labels.items())))]
 
 
 def test_metrics_and_status_after_a_known_traffic_pattern(
@@ -243,3 +244,67 @@ name = "gone"
     assert checked.returncode == 0 and not checked.stdout and not checked.stderr, (
         checked.stdout.decode() + checked.stderr.decode()
     )
+
+
+def test_dns_queries_by_name_and_result_match_what_the_nameserver_saw(
+    backends: Backends, start_lbtcp: Callable[..., Lbtcp], dns_servers: Callable[..., Dnsmasq]
+) -> None:
+    echo = backends.echo()
+    dns = dns_servers(hosts={f"app.{DOMAIN}": ["127.0.0.1"]}, local_ttl=1)
+    proc = start_lbtcp(
+        f"""\
+[global]
+access_log = false
+[admin]
+listen = "127.0.0.1:0"
+[resolver]
+nameservers = ["{dns.nameserver}"]
+timeout = "500ms"
+min_ttl = "1s"
+family = "ipv4"
+[listeners.web]
+bind = "127.0.0.1:0"
+pool = "app"
+[pools.app]
+[[pools.app.servers]]
+address = "app.{DOMAIN}:{echo}"
+[[pools.app.servers]]
+address = "missing.{DOMAIN}:{echo}"
+"""
+    )
+    admin = admin_address(proc)
+    app, missing = f"app.{DOMAIN}", f"missing.{DOMAIN}"
+
+    def scrape() -> Values:
+        code, _, body = get(admin, "/metrics")
+        assert code == 200
+        return values_of(body.decode())
+
+    def looked_up() -> bool:
+        v = scrape()
+        return (
+            v.get(("lbtcp_dns_queries_total", (("name", app), ("result", "ok"))), 0) >= 2
+            and v.get(("lbtcp_dns_queries_total", (("name", missing), ("result", "nxdomain"))), 0)
+            >= 1
+        )
+
+    wait_until(looked_up, 15, "two answers for app and an NXDOMAIN for missing")
+    v = scrape()
+    results = ("ok", "nxdomain", "nodata", "servfail", "refused", "timeout", "unreachable", "error")
+    counts = {
+        name: {r: value(v, "lbtcp_dns_queries_total", name=name, result=r) for r in results}
+        for name in (app, missing)
+    }
+    assert {r for r, n in counts[app].items() if n} == {"ok"}
+    assert {r for r, n in counts[missing].items() if n} == {"nxdomain"}
+    # dnsmasq's own log of the queries it received: every lookup lbtcp counted reached it
+    # (one more may have been in flight after the scrape).
+    for name in (app, missing):
+        counted = sum(counts[name].values())
+        wait_until(
+            lambda n=name, c=counted: dns.queries(n, "A") >= c, 5, f"dnsmasq's log of {name}"
+        )
+        assert counted <= dns.queries(name, "A") <= counted + 1
+        assert dns.queries(name, "AAAA") == 0  # family = "ipv4"
+    # The server behind the name is in /status under its DNS name.
+    assert set(servers_of(status(admin), "app")) == {f"app.{DOMAIN}:{echo}#127.0.0.1"}

@@ -150,7 +150,7 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         "config": runtime.config.source,
         "started_at": started_at,
         "uptime_s": max(0.0, now - started_at),
-        "draining": bool(getattr(runtime, "draining", False)),
+        "draining": runtime.draining,
         "listeners": [_listener(listener) for listener in runtime.listeners.values()],
         "pools": [_pool(pool, live, offset) for pool in runtime.pools.values()],
     }
