@@ -17,7 +17,8 @@ from lbtcp.config import ListenerConfig, PoolConfig, ServerConfig
 from lbtcp.listener import Listener
 from lbtcp.log import Log
 from lbtcp.pool import Pool
-from lbtcp.proxy_protocol import Done, Invalid, encode_v1, encode_v2, parse
+from lbtcp.proxy_protocol import Done, encode_v1, encode_v2, parse
+from tests.proxy_support import Recorder
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -35,35 +36,6 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()
     assert not errors, f"the loop's exception handler was called: {errors}"
-
-
-class Recorder(asyncio.Protocol):
-    """Records what a server connection received; echoes what follows a leading PROXY
-    header (the header itself is lbtcp's, not the client's)."""
-
-    def __init__(self, received: list[bytearray]) -> None:
-        self.data = bytearray()
-        self.echoed = -1  # bytes of self.data echoed so far; -1 while the header is unknown
-        received.append(self.data)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-        if self.echoed < 0:
-            verdict = parse(bytes(self.data))
-            if isinstance(verdict, Done):
-                self.echoed = verdict.header_length
-            elif isinstance(verdict, Invalid):
-                self.echoed = 0
-            else:
-                return
-        self.transport.write(bytes(self.data[self.echoed :]))  # type: ignore[attr-defined]
-        self.echoed = len(self.data)
-
-    def eof_received(self) -> bool:
-        return False
 
 
 async def setup(
