@@ -7,7 +7,9 @@ import contextlib
 import os
 import re
 import select
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +19,7 @@ import pytest
 
 from lbtcp.proxy_protocol import encode_v1, encode_v2
 from tests.proxy_support import Recorder, exchange, header_of
-from tests.support import Backends, Lbtcp, config, wait_until
+from tests.support import Backends, Lbtcp, closed_port, config, wait_until
 
 StartLbtcp = Callable[..., Lbtcp]
 MiB = 1024 * 1024
@@ -335,3 +337,96 @@ def test_a_flood_of_distinct_sources_keeps_memory_bounded(
     assert rss[100_000] - rss[70_000] < 3 * MiB, rss
     # ... and the whole flood stays within the stated bound (16 MiB at the cap).
     assert rss[100_000] - rss[5_000] < 16 * MiB, rss
+
+
+HAPROXY_CONFIG = """
+global
+    log stdout format raw local0
+    maxconn 200
+defaults
+    mode tcp
+    log global
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend front
+    bind 127.0.0.1:{front}
+    default_backend to_lbtcp
+backend to_lbtcp
+    server lb 127.0.0.1:{lbtcp} send-proxy-v2
+frontend back
+    bind 127.0.0.1:{back} accept-proxy
+    log-format "seen client=%ci:%cp frontend=%fi:%fp"
+    default_backend echo
+backend echo
+    server echo 127.0.0.1:{echo}
+"""
+
+
+@pytest.mark.parametrize("outbound", ["v1", "v2"])
+def test_haproxy_on_both_sides(
+    start_lbtcp: StartLbtcp, backends: Backends, tmp_path: Path, outbound: str
+) -> None:
+    """client -> HAProxy (send-proxy-v2) -> lbtcp -> HAProxy (accept-proxy) -> echo: the
+    client's own address and port, and HAProxy's frontend address, survive both hops."""
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.fail("haproxy is not installed: run scripts/install-test-deps")
+    echo = backends.echo()
+    front, back = closed_port(), closed_port()
+    lb = start_lbtcp(
+        config(
+            [back],
+            listener_extra=f'proxy_protocol = "v2"\n{TRUSTED}',
+            pool_extra=f'proxy_protocol = "{outbound}"',
+        )
+    )
+    lbtcp_port = lb.address()[1]
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(HAPROXY_CONFIG.format(front=front, lbtcp=lbtcp_port, back=back, echo=echo))
+    proc = subprocess.Popen(
+        [haproxy, "-db", "-f", str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+
+        def listening() -> bool:
+            assert proc.poll() is None, "\n".join(lines)
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", back)) == 0
+
+        wait_until(listening, 10, "haproxy listening")
+        for source in ("127.0.0.5", "127.0.0.6"):
+            with socket.socket() as sock:
+                sock.settimeout(5)
+                sock.bind((source, 0))
+                sock.connect(("127.0.0.1", front))
+                port = sock.getsockname()[1]
+                sock.sendall(b"through two proxies")
+                assert sock.recv(100) == b"through two proxies"
+            wait_until(
+                lambda s=source, p=port: any(f"seen client={s}:{p} " in x for x in lines),  # type: ignore[misc]
+                10,
+                f"haproxy logging {source}:{port}",
+            )
+            seen = next(x for x in lines if f"seen client={source}:{port} " in x)
+            assert f"frontend=127.0.0.1:{front}" in seen, seen
+            lb.wait_line(rf"access .*client={re.escape(source)}:{port} .*term=--")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        reader.join(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
