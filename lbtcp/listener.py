@@ -3,7 +3,10 @@
 Theory of operation. A ``Listener`` owns its listening sockets and its live sessions. For each
 accepted client the loop creates a ``relay.Session``, whose ``connection_made`` calls
 ``session_accepted`` here. That runs the checks in the order an operator expects: deny/allow
-CIDRs (``AC``), connection limits (``LM``), then asks the pool for a server. No server means
+CIDRs (``AC``), the per-source rate (``ratelimit.RateLimiter``) and connection limits
+(``LM``), then asks the pool for a server. With ``proxy_protocol`` on, a
+``proxy_accept.HeaderReader`` reads the PROXY header first and hands the connection to the
+session with the header's client address (or closes it, ``PP``). No server means
 the refusal of DESIGN.md §3 (``NH``): the client was accepted and is closed at once, by FIN, by
 RST, or after a banner, without connecting anywhere. Otherwise one task per session runs the
 connect attempts: each attempt on a server not yet tried, with ``connect_timeout`` per attempt
