@@ -20,6 +20,7 @@ import pytest
 from lbtcp.proxy_protocol import encode_v1, encode_v2
 from tests.proxy_support import Recorder, exchange, header_of
 from tests.support import Backends, Lbtcp, closed_port, config, wait_until
+from tests.test_admin_server import admin_address, get
 
 StartLbtcp = Callable[..., Lbtcp]
 MiB = 1024 * 1024
@@ -430,3 +431,33 @@ def test_haproxy_on_both_sides(
         reader.join(5)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_refusals_are_counted_in_the_metrics(start_lbtcp: StartLbtcp, backends: Backends) -> None:
+    ports, _ = recorders(backends)
+    lb = start_lbtcp(
+        '[admin]\nlisten = "127.0.0.1:0"\n'
+        + config(
+            ports,
+            listener_extra=f'proxy_protocol = "v1"\n{TRUSTED}\nmax_rate_per_source = 3',
+        )
+    )
+    address = lb.address()
+    for _ in range(4):
+        assert exchange(address, b"NOT A HEADER\r\n") == b""
+    header = encode_v1(("192.0.2.5", 5), ("192.0.2.1", 1))
+    through = sum(exchange(address, header + b"x") == b"x" for _ in range(8))
+    assert through == 3
+    text = get(admin_address(lb), "/metrics").body.decode()
+
+    def sample(reason: str) -> float:
+        match = re.search(
+            rf'lbtcp_listener_refused_total\{{[^}}]*reason="{reason}"[^}}]*\}} (\S+)', text
+        )
+        assert match, text[:2000]
+        return float(match.group(1))
+
+    assert sample("proxy_protocol") == 4
+    assert sample("limit") == 5
+    total = re.search(r"lbtcp_listener_connections_total\{[^}]*\} (\S+)", text)
+    assert total and float(total.group(1)) == 12
