@@ -181,3 +181,21 @@ def test_shutdown_closes_waiting_clients_without_counting(run: Any) -> None:
         server.close()
 
     run(scenario())
+
+
+@pytest.mark.parametrize("header", [encode_v2(None, None), b"PROXY UNKNOWN\r\n"])
+def test_local_and_unknown_use_the_connection_address(run: Any, header: bytes) -> None:
+    async def scenario() -> None:
+        received: list[bytearray] = []
+        listener, address, log, server = await setup(received, send="v1")
+        assert await exchange(address, [header + b"probe"]) == b"probe"
+        out = parse(bytes(received[0]), "v1")
+        assert isinstance(out, Done)
+        assert out.source is not None and out.source[0] == "127.0.0.1"
+        assert out.destination == address
+        await wait_for(lambda: listener.active == 0)
+        assert f"client=127.0.0.1:{out.source[1]} " in log.getvalue()
+        listener.stop_accepting()
+        server.close()
+
+    run(scenario())
