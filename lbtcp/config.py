@@ -89,6 +89,8 @@ class ListenerConfig:
     max_per_source: int = 0
     proxy_protocol: str = "off"
     proxy_protocol_from: tuple[Network, ...] = ()
+    proxy_protocol_timeout: float = 3.0
+    max_rate_per_source: int = 0
     no_healthy: str = "close"
     no_healthy_banner: bytes = b""
     idle_timeout: float = 3600.0
@@ -133,6 +135,7 @@ class HealthConfig:
     send: bytes = b""
     expect: bytes = b""
     initial: str = "unknown"
+    send_proxy: bool = False
 
 
 @dataclass(frozen=True)
@@ -487,13 +490,22 @@ def _parse_listener(name: str, reader: _Reader) -> ListenerConfig:
         max_per_source=reader.get("max_per_source", 0, _int_in(0)),
         proxy_protocol=reader.get("proxy_protocol", "off", _choice(PROXY_IN_MODES)),
         proxy_protocol_from=_cidr_list(reader, "proxy_protocol_from"),
+        proxy_protocol_timeout=reader.get("proxy_protocol_timeout", 3.0, parse_duration),
+        max_rate_per_source=reader.get("max_rate_per_source", 0, _int_in(0, 1_000_000)),
         no_healthy=reader.get("no_healthy", "close", _choice(NO_HEALTHY_MODES)),
         no_healthy_banner=reader.get("no_healthy_banner", b"", _bytes),
         idle_timeout=reader.get("idle_timeout", 3600.0, parse_duration),
         backlog=reader.get("backlog", 4096, _int_in(1, 1 << 20)),
     )
-    if result.proxy_protocol != "off":
-        reader.error("accepting PROXY headers is not supported yet; use 'off'", "proxy_protocol")
+    if result.proxy_protocol != "off" and not result.proxy_protocol_from:
+        # Accepting headers from anyone would let any client spoof its address.
+        reader.error(
+            "is required when proxy_protocol is not 'off': the CIDRs of the proxies "
+            "allowed to send a PROXY header",
+            "proxy_protocol_from",
+        )
+    if result.proxy_protocol_timeout <= 0:
+        reader.error("must be more than 0", "proxy_protocol_timeout")
     _reject_unbuilt(reader, "routes", "SNI routing ('routes') is not supported yet")
     _reject_unbuilt(
         reader, "inspect_timeout", "SNI routing ('inspect_timeout') is not supported yet"
@@ -560,6 +572,7 @@ def _parse_health(reader: _Reader | None) -> HealthConfig | None:
         send=reader.get("send", b"", _bytes),
         expect=reader.get("expect", b"", _bytes),
         initial=reader.get("initial", "unknown", _choice(INITIAL_STATES)),
+        send_proxy=reader.get("send_proxy", False, _bool),
     )
     for key in ("interval", "fast_interval", "down_interval", "timeout"):
         if getattr(result, key) <= 0:
@@ -636,8 +649,11 @@ def _parse_pool(name: str, reader: _Reader, balancer_names: tuple[str, ...]) -> 
         reader.error("must be more than 0", "connect_timeout")
     if result.retry_budget <= 0:
         reader.error("must be more than 0", "retry_budget")
-    if result.proxy_protocol != "off":
-        reader.error("sending PROXY headers is not supported yet; use 'off'", "proxy_protocol")
+    if result.health is not None and result.health.send_proxy and result.proxy_protocol == "off":
+        reader.errors.append(
+            f"{reader.path}.health.send_proxy: needs the pool's proxy_protocol ('v1' or 'v2') "
+            "to know which header to send"
+        )
     reader.finish()
     return result
 

@@ -3,7 +3,10 @@
 Theory of operation. A ``Listener`` owns its listening sockets and its live sessions. For each
 accepted client the loop creates a ``relay.Session``, whose ``connection_made`` calls
 ``session_accepted`` here. That runs the checks in the order an operator expects: deny/allow
-CIDRs (``AC``), connection limits (``LM``), then asks the pool for a server. No server means
+CIDRs (``AC``), the per-source rate (``ratelimit.RateLimiter``) and connection limits
+(``LM``), then asks the pool for a server. With ``proxy_protocol`` on, a
+``proxy_accept.HeaderReader`` reads the PROXY header first and hands the connection to the
+session with the header's client address (or closes it, ``PP``). No server means
 the refusal of DESIGN.md §3 (``NH``): the client was accepted and is closed at once, by FIN, by
 RST, or after a banner, without connecting anywhere. Otherwise one task per session runs the
 connect attempts: each attempt on a server not yet tried, with ``connect_timeout`` per attempt
@@ -19,6 +22,7 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Callable
+from time import monotonic
 
 from lbtcp.addresses import format_address, parse_endpoint
 from lbtcp.config import ListenerConfig
@@ -26,6 +30,9 @@ from lbtcp.counters import SESSION_BUCKETS, Histogram
 from lbtcp.events import Event
 from lbtcp.log import Log
 from lbtcp.pool import Pool, Server
+from lbtcp.proxy_accept import HeaderReader
+from lbtcp.proxy_protocol import encode
+from lbtcp.ratelimit import RateLimiter
 from lbtcp.relay import CLOSED, Session, UpstreamProtocol, reset_transport
 
 TERM_NO_HEALTHY = "NH"
@@ -33,6 +40,7 @@ TERM_CONNECT_TIMEOUT = "CT"
 TERM_CONNECT_REFUSED = "CR"
 TERM_ACL = "AC"
 TERM_LIMIT = "LM"
+TERM_PROXY_PROTOCOL = "PP"
 
 REFUSAL_REASONS = ("no_healthy", "acl", "limit", "proxy_protocol")
 
@@ -85,7 +93,16 @@ class Listener:
         # Durations of the sessions that reached a server, observed when they end.
         self.session_seconds = Histogram(SESSION_BUCKETS)
         self._check_acl = bool(config.allow or config.deny)
-        self._factory: Callable[[], Session] = lambda: Session(self, loop)
+        # Chosen once here, so that a listener without PROXY headers pays nothing per client.
+        self._factory: Callable[[], asyncio.Protocol]
+        if config.proxy_protocol == "off":
+            self._factory = lambda: Session(self, loop)
+        else:
+            self._factory = lambda: HeaderReader(self)
+        self.awaiting_header: set[HeaderReader] = set()
+        self.rate_limiter = (
+            RateLimiter(config.max_rate_per_source) if config.max_rate_per_source else None
+        )
 
     @property
     def active(self) -> int:
@@ -119,6 +136,8 @@ class Listener:
             server.close()
 
     def close_sessions(self, term: str) -> None:
+        for reader in list(self.awaiting_header):
+            reader.abandon()
         for session in list(self.sessions):
             session.close(term, abort=True)
 
@@ -132,6 +151,10 @@ class Listener:
             self._refuse(session, "acl", TERM_ACL)
             return
         config = self.config
+        rate_limiter = self.rate_limiter
+        if rate_limiter is not None and not rate_limiter.admit(ip, self.loop.time()):
+            self._refuse(session, "limit", TERM_LIMIT)
+            return
         if config.max_connections and len(self.sessions) >= config.max_connections:
             self._refuse(session, "limit", TERM_LIMIT)
             return
@@ -161,6 +184,37 @@ class Listener:
         if any(address in network for network in config.deny):
             return False
         return not config.allow or any(address in network for network in config.allow)
+
+    def trusts_proxy(self, ip: str) -> bool:
+        """Whether ``ip`` (a peer's own address) may send a PROXY header."""
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.config.proxy_protocol_from)
+
+    def header_refused(
+        self, peer: tuple[str, int], started_at: float, received: int, why: str
+    ) -> None:
+        """Called by ``HeaderReader`` once per trusted client closed for its header (``PP``)."""
+        self.connections_total += 1
+        self.refused["proxy_protocol"] += 1
+        log = self.log
+        if log.access_enabled:
+            log.access(
+                listener=self.name,
+                client=format_address(*peer),
+                pool=self.pool.name,
+                server="-",
+                connect_ms=-1,
+                duration_ms=round((monotonic() - started_at) * 1000.0, 3),
+                bytes_in=received,
+                bytes_out=0,
+                term=TERM_PROXY_PROTOCOL,
+                reason=why,
+            )
 
     def _refuse(self, session: Session, reason: str, term: str) -> None:
         self.refused[reason] += 1
@@ -242,6 +296,9 @@ class Listener:
                     protocol.discard()  # the client left while we connected
                     return
                 pool.session_started(server)
+                if config.proxy_protocol != "off":
+                    # Before attach_upstream: the header must precede every client byte.
+                    transport.write(self._proxy_header(session, config.proxy_protocol))
                 session.attach_upstream(transport, server)
                 pool.connect_seconds.observe(session.connect_ms / 1000.0)
                 return
@@ -258,6 +315,18 @@ class Listener:
                 break
             server = next_server
         session.close(TERM_CONNECT_TIMEOUT if all_timeouts else TERM_CONNECT_REFUSED)
+
+    def _proxy_header(self, session: Session, version: str) -> bytes:
+        """The header sent to a server: the client's address, and the original destination
+        from an accepted header, else the address the client connected to."""
+        destination = session.destination
+        if destination is None:
+            sockname = session.client.get_extra_info("sockname")
+            destination = (sockname[0], sockname[1]) if sockname else None
+        try:
+            return encode(version, (session.client_ip, session.client_port), destination)
+        except ValueError:  # no usable address (a socket without peername): say "unknown"
+            return encode(version, None, None)
 
     def _report(self, server: Server, ok: bool, kind: str = "") -> None:
         """Passive health: tell the pool how a real connect attempt went (``kind`` of a

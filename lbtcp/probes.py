@@ -25,6 +25,7 @@ from lbtcp.config import HealthConfig
 from lbtcp.events import Event
 from lbtcp.health import ProbeResult
 from lbtcp.pool import Pool, ProbeRecord
+from lbtcp.proxy_protocol import encode
 from lbtcp.relay import reset_transport
 
 MAX_EXPECT_BUFFER = 64 * 1024
@@ -60,9 +61,14 @@ class _ProbeProtocol(asyncio.Protocol):
 
 
 async def probe_once(
-    loop: asyncio.AbstractEventLoop, host: str, port: int, health: HealthConfig
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    health: HealthConfig,
+    preface: bytes = b"",
 ) -> tuple[ProbeResult, str]:
-    """Run one probe; return the result and a short detail for the log."""
+    """Run one probe; return the result and a short detail for the log. ``preface`` (a PROXY
+    header, with ``health.send_proxy``) is written first, before ``send``."""
     done: asyncio.Future[tuple[ProbeResult, str]] = loop.create_future()
     transport: asyncio.BaseTransport | None = None
 
@@ -76,6 +82,8 @@ async def probe_once(
             return ProbeResult.FAIL, "connection refused"
         except OSError as exc:
             return ProbeResult.FAIL, f"connect failed: {exc.strerror or exc}"
+        if preface:
+            transport.write(preface)
         if health.send:
             transport.write(health.send)
         if not health.expect:
@@ -89,7 +97,7 @@ async def probe_once(
         return ProbeResult.TIMEOUT, f"{what} timed out after {health.timeout:g}s"
     finally:
         if transport is not None and not transport.is_closing():
-            if health.send and not health.expect:
+            if (health.send or preface) and not health.expect:
                 # Nothing to wait for, but the bytes must reach the server: a graceful
                 # close flushes them first (an RST could discard them).
                 transport.close()
@@ -116,6 +124,11 @@ class Prober:
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self.probes_total: dict[str, int] = {"ok": 0, "fail": 0, "timeout": 0}
+        # HAProxy's check-send-proxy: a header that names no client (v2 LOCAL, v1 UNKNOWN).
+        version = pool.config.proxy_protocol
+        self.preface = (
+            encode(version, None, None) if self.health.send_proxy and version != "off" else b""
+        )
         self.closed = False
 
     def start(self) -> None:
@@ -168,7 +181,7 @@ class Prober:
         # monotonic(), not loop.time(): uvloop's clock ticks in whole milliseconds.
         started = monotonic()
         try:
-            result, detail = await probe_once(self.loop, host, port, self.health)
+            result, detail = await probe_once(self.loop, host, port, self.health, self.preface)
         finally:
             self.in_flight.pop(name, None)
         server = self.pool.servers.get(name)

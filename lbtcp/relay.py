@@ -130,6 +130,7 @@ class Session(asyncio.Protocol):
         "client_port",
         "connect_ms",
         "connect_task",
+        "destination",
         "down_state",
         "finished",
         "idle_handle",
@@ -159,6 +160,8 @@ class Session(asyncio.Protocol):
         self.tried: list[Server] = []
         self.client_ip = ""
         self.client_port = 0
+        # The original destination from an accepted PROXY header (None: lbtcp's own address).
+        self.destination: tuple[str, int] | None = None
         # up = client -> server, down = server -> client
         self.up_state = OPEN
         self.down_state = OPEN
@@ -188,9 +191,10 @@ class Session(asyncio.Protocol):
         client = cast(asyncio.Transport, transport)
         self.client = client
         client.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.client_ip, self.client_port = peer[0], peer[1]
+        if not self.client_ip:  # else set from a PROXY header (proxy_accept.HeaderReader)
+            peer = transport.get_extra_info("peername")
+            if peer:
+                self.client_ip, self.client_port = peer[0], peer[1]
         try:
             self.owner.session_accepted(self)
         except Exception as exc:  # a bug must cost one session, not the process
