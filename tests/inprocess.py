@@ -59,15 +59,19 @@ class EventLog(Log):
                 await asyncio.wait_for(self._changed.wait(), left)
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on a fresh uvloop; fail if the loop's exception handler was called."""
+LOOPS = ("uvloop", "asyncio")
+
+
+def run(coro: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
+    """Run ``coro`` on a fresh event loop (uvloop, as ``lbtcp serve`` does, or asyncio's
+    own); fail if the loop's exception handler was called."""
     errors: list[dict[str, Any]] = []
 
     async def main() -> T:
         asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
         return await coro
 
-    result = uvloop.run(main())
+    result = uvloop.run(main()) if loop == "uvloop" else asyncio.run(main())
     assert not errors, f"the loop's exception handler was called: {errors}"
     return result
 

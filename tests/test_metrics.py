@@ -26,7 +26,7 @@ from lbtcp import __version__, metrics
 from lbtcp.counters import CONNECT_BUCKETS, SESSION_BUCKETS, Histogram, ReloadStats
 from lbtcp.metrics import Family, families, render, to_prometheus, write_families
 from lbtcp.runtime import Runtime
-from tests.inprocess import echo_server, exchange, listener_address, run, running, until
+from tests.inprocess import LOOPS, echo_server, exchange, listener_address, run, running, until
 from tests.support import closed_port
 
 # --- the histogram ----------------------------------------------------------------------------
@@ -297,7 +297,8 @@ async def _traffic(runtime: Runtime) -> None:
     )
 
 
-def test_runtime_metrics_after_a_known_traffic_pattern() -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_runtime_metrics_after_a_known_traffic_pattern(loop: str) -> None:
     async def scenario() -> None:
         echo, echo_port = await echo_server()
         config = _config(echo_port, closed_port(), closed_port())
@@ -420,7 +421,7 @@ def test_runtime_metrics_after_a_known_traffic_pattern() -> None:
 
         _promtool_check(body)
 
-    run(scenario())
+    run(scenario(), loop)
 
 
 def _promtool_check(body: bytes) -> None:
@@ -460,7 +461,8 @@ def test_runtime_collector_and_render_agree() -> None:
     run(scenario())
 
 
-def test_live_session_bytes_show_before_it_ends() -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_live_session_bytes_show_before_it_ends(loop: str) -> None:
     async def scenario() -> None:
         echo, echo_port = await echo_server()
         config = _config(echo_port, closed_port(), closed_port()).split("[pools.down.health]")[0]
@@ -486,7 +488,7 @@ def test_live_session_bytes_show_before_it_ends() -> None:
             assert _value(v, "lbtcp_server_active_connections", pool="app", server=a) == 0
         echo.close()
 
-    run(scenario())
+    run(scenario(), loop)
 
 
 def test_a_thousand_servers_every_series_once() -> None:

@@ -19,7 +19,7 @@ from lbtcp.config import PoolConfig
 from lbtcp.health import AdminAction
 from lbtcp.metrics import SERVER_STATES, render
 from lbtcp.pool import Pool, Server
-from tests.inprocess import echo_server, exchange, listener_address, run, running, until
+from tests.inprocess import LOOPS, echo_server, exchange, listener_address, run, running, until
 from tests.support import closed_port
 
 # --- verdicts ---------------------------------------------------------------------------------
@@ -188,7 +188,8 @@ def _metric_values(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]],
     }
 
 
-def test_status_document_of_a_running_runtime() -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_status_document_of_a_running_runtime(loop: str) -> None:
     async def scenario() -> None:
         echo, live_port = await echo_server()
         spare, spare_port = await echo_server()
@@ -291,7 +292,7 @@ def test_status_document_of_a_running_runtime() -> None:
         assert v[("lbtcp_pool_servers", (("pool", "app"),))] == pool_doc["servers_total"]
         assert v[("lbtcp_listener_connections_total", (("listener", "web"),))] == listener["total"]
 
-    run(scenario())
+    run(scenario(), loop)
 
 
 def test_no_probes_means_no_last_probe_and_a_health_change_under_drain_shows() -> None:
