@@ -27,7 +27,7 @@ from lbtcp.counters import CONNECT_BUCKETS, SESSION_BUCKETS, Histogram, ReloadSt
 from lbtcp.metrics import Family, families, render, to_prometheus, write_families
 from lbtcp.runtime import Runtime
 from tests.inprocess import LOOPS, echo_server, exchange, listener_address, run, running, until
-from tests.support import closed_port
+from tests.support import blackhole, closed_port
 
 # --- the histogram ----------------------------------------------------------------------------
 
@@ -523,3 +523,41 @@ def test_a_thousand_servers_every_series_once() -> None:
         assert sum(len(f.samples) for f in plain) > 17 * servers
 
     run(scenario())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_connect_timeouts_count_as_timeout(loop: str) -> None:
+    async def scenario(port: int) -> None:
+        config = f"""
+[listeners.web]
+bind = "127.0.0.1:0"
+pool = "app"
+[pools.app]
+retries = 0
+connect_timeout = "100ms"
+[[pools.app.servers]]
+address = "127.0.0.1:{port}"
+name = "hole"
+[pools.app.ejection]
+consecutive_failures = 0
+"""
+        async with running(config) as (runtime, _log):
+            for _ in range(2):
+                assert await exchange(listener_address(runtime), b"lost") == b""
+            await until(lambda: runtime.listeners["web"].active == 0, "the sessions to end")
+            v = _values(render(runtime, "")[0].decode())
+        for kind, count in [("timeout", 2), ("refused", 0), ("other", 0)]:
+            assert (
+                _value(
+                    v, "lbtcp_server_connect_failures_total", pool="app", server="hole", kind=kind
+                )
+                == count
+            )
+        assert _value(v, "lbtcp_server_connections_total", pool="app", server="hole") == 0
+        assert _value(v, "lbtcp_connect_seconds_count", pool="app") == 0
+        assert _value(v, "lbtcp_session_seconds_count", listener="web") == 0
+        assert _value(v, "lbtcp_listener_connections_total", listener="web") == 2
+        assert _value(v, "lbtcp_server_state", pool="app", server="hole", state="healthy") == 1
+
+    with blackhole() as port:
+        run(scenario(port), loop)
