@@ -123,11 +123,12 @@ def split_target(target: str) -> str | None:
 
 def match(method: str, path: str) -> Route | Response:
     """The route for ``method`` and ``path``, or the 404/405 response."""
+    shown = method[:MAX_ECHO]  # a method is any HTTP token, up to the 16 KiB head
     endpoint = _GET_PATHS.get(path)
     if endpoint is not None:
         if method in ("GET", "HEAD"):
             return Route(endpoint)
-        return error(405, f"{method} is not allowed on {path}", (("Allow", GET_ALLOW),))
+        return error(405, f"{shown} is not allowed on {path}", (("Allow", GET_ALLOW),))
     parts = path.split("/")
     # "", "pools", POOL, "servers", SERVER, ACTION
     if len(parts) == 6 and parts[0] == "" and parts[1] == "pools" and parts[3] == "servers":
@@ -141,7 +142,7 @@ def match(method: str, path: str) -> Route | Response:
                 f"no such action {_echo(action)} (actions: {', '.join(SERVER_ACTIONS)})",
             )
         if method != "POST":
-            return error(405, f"{method} is not allowed on {_echo(path)}", (("Allow", POST_ALLOW),))
+            return error(405, f"{shown} is not allowed on {_echo(path)}", (("Allow", POST_ALLOW),))
         return Route(Endpoint.SERVER_ACTION, (pool, server, action))
     if path == "/reload":
         return error(404, "reload is not built yet")
