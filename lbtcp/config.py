@@ -395,8 +395,8 @@ def _read_token_file(reader: _Reader, path: str, source: str) -> str:
     try:
         with full.open("rb") as handle:
             first = handle.readline(64 * 1024)
-    except OSError as exc:
-        reader.error(f"cannot read {path!r}: {exc.strerror or exc}", "token_file")
+    except (OSError, ValueError) as exc:  # ValueError: a path holding a NUL byte
+        reader.error(f"cannot read {path!r}: {getattr(exc, 'strerror', None) or exc}", "token_file")
         return ""
     try:
         token = first.decode("utf-8").strip()

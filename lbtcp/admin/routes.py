@@ -160,6 +160,10 @@ def authorize(request: Request, route: Route, config: AdminConfig) -> Response |
     token = config.token
     if not token or not (route.is_write or config.auth_reads):
         return None
+    if route.endpoint is Endpoint.PAGE:
+        # The page holds no data (it reads /status, which does need the token) and a browser
+        # cannot send a Bearer header when it opens a page: it takes the token from #token=.
+        return None
     value = request.header(b"authorization")
     if value is None:
         return error(401, "this endpoint needs 'Authorization: Bearer <token>'", _challenge(""))
