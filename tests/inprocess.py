@@ -69,7 +69,15 @@ def run(coro: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
 
     async def main() -> T:
         asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        return await coro
+        try:
+            return await coro
+        finally:
+            # Also when the test failed: a server left open makes uvloop's close hang under
+            # pytest (its ResourceWarning is an error there) instead of reporting the failure.
+            while _SERVERS:
+                server = _SERVERS.pop()
+                server.close()
+                await server.wait_closed()
 
     result = uvloop.run(main()) if loop == "uvloop" else asyncio.run(main())
     assert not errors, f"the loop's exception handler was called: {errors}"
@@ -105,8 +113,13 @@ class Echo(asyncio.Protocol):
         return False  # close after flushing: the client reads EOF
 
 
+_SERVERS: list[asyncio.AbstractServer] = []
+
+
 async def echo_server() -> tuple[asyncio.AbstractServer, int]:
+    """An echo server on 127.0.0.1; ``run`` closes it at the end if the test did not."""
     server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", 0)
+    _SERVERS.append(server)
     return server, int(server.sockets[0].getsockname()[1])
 
 
