@@ -218,6 +218,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds [1]")
     parser.add_argument("--budget", type=float, default=170.0, help="no new run after [170] s")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma list of rr,connect [both]"
+    )
+    parser.add_argument(
+        "--no-scrape", action="store_true", help="[admin] on but never scraped (to tell apart)"
+    )
     parser.add_argument("--proxy-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
     return parser.parse_args(argv)
@@ -227,10 +233,10 @@ def pct(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else (a / b - 1) * 100
 
 
-def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(results: list[dict[str, Any]], scenarios: Sequence[str]) -> dict[str, Any]:
     """Medians per scenario and target, and the per-repeat ratios admin / plain."""
     out: dict[str, Any] = {}
-    for scenario in SCENARIOS:
+    for scenario in scenarios:
         rows = [r for r in results if r["scenario"] == scenario and not r["error"]]
         entry: dict[str, Any] = {}
         for target in ("plain", "admin"):
@@ -282,8 +288,13 @@ def write_report(out_dir: Path, data: dict[str, Any]) -> Path:
         "## Set-up",
         "",
         "Two `lbtcp serve` processes over one `lbtcp echo`, both pinned to the proxy core: "
-        "`plain` is benchmarks/run.py's lbtcp config, `admin` the same plus `[admin]`, its "
-        "`/metrics` scraped once a second while (and only while) it is under load. Load: "
+        "`plain` is benchmarks/run.py's lbtcp config, `admin` the same plus `[admin]`, "
+        + (
+            "its `/metrics` scraped once a second while (and only while) it is under load. "
+            if data["scraped"]
+            else "**never scraped** (`--no-scrape`: the admin server's presence alone). "
+        )
+        + "Load: "
         f"`lbtcp bench`, {data['settings']['duration']:g} s runs after "
         f"{data['settings']['warmup']:g} s of warm-up; `rr` = 64 kept-open connections, 64-byte "
         "echo; `connect` = 32 workers opening, exchanging 64 bytes, closing. Each repeat runs "
@@ -291,10 +302,12 @@ def write_report(out_dir: Path, data: dict[str, Any]) -> Path:
         "",
         "## Results",
         "",
-        "| scenario | metric | no [admin] | [admin] + scrapes | difference |",
+        "| scenario | metric | no [admin] | "
+        + ("[admin] + scrapes" if data["scraped"] else "[admin], not scraped")
+        + " | difference |",
         "|---|---|---|---|---|",
     ]
-    for scenario in SCENARIOS:
+    for scenario in data["scenarios"]:
         entry = summary[scenario]
         plain, admin = entry["plain"], entry["admin"]
         unit = "req/s" if scenario == "rr" else "conn/s"
@@ -312,13 +325,13 @@ def write_report(out_dir: Path, data: dict[str, Any]) -> Path:
             )
     md.append("")
     verdicts = []
-    for scenario in SCENARIOS:
+    for scenario in data["scenarios"]:
         entry = summary[scenario]
         ratios = entry["pair_ratios"]
         diff = entry["rate_diff_pct"]
         spread = (
-            f"per-repeat ratios admin/plain {min(ratios):.3f} to {max(ratios):.3f} "
-            f"({len(ratios)} pairs)"
+            f"per-repeat ratios admin/plain: median {statistics.median(ratios):.3f}, "
+            f"{min(ratios):.3f} to {max(ratios):.3f} ({len(ratios)} pairs)"
             if ratios
             else "no complete pair"
         )
@@ -388,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if load_cpu is not None:
         os.sched_setaffinity(0, {load_cpu})  # the scraper thread belongs with the load
     lbtcp = suite.lbtcp_binary()
+    scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    if not scenarios or set(scenarios) - set(SCENARIOS):
+        raise SystemExit(f"admin_overhead.py: scenarios are {', '.join(SCENARIOS)}")
     settings = suite.Settings(
         duration=args.duration,
         warmup=args.warmup,
@@ -414,12 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner = suite.Runner(children, lbtcp, settings, load_cpu, proxy_cpu, backends, print)
             for repeat in range(settings.repeats):
                 order = ("plain", "admin") if repeat % 2 == 0 else ("admin", "plain")
-                for scenario in SCENARIOS:
+                for scenario in scenarios:
                     for name in order:
                         if time.monotonic() - begun > args.budget:
                             stopped_early = True
                             break
-                        if name == "admin":
+                        if name == "admin" and not args.no_scrape:
                             with scraper.running():
                                 runner.scenario(scenario, targets[name], repeat)
                         else:
@@ -440,7 +456,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "pinning": pin_text,
                 "settings": settings.__dict__,
                 "stopped_early_at_budget": stopped_early,
-                "summary": summarise(runner.results),
+                "scenarios": scenarios,
+                "scraped": not args.no_scrape,
+                "summary": summarise(runner.results, scenarios),
                 "scrapes_under_load": {
                     "count": len(times),
                     "median_ms": statistics.median(times) * 1000 if times else None,
