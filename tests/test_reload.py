@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import socket
 import subprocess
@@ -18,7 +19,15 @@ from hypothesis import strategies as st
 
 from lbtcp.config import parse_config
 from lbtcp.reload import plan_reload
-from tests.support import Backends, Lbtcp, closed_port, open_session, roundtrip, wait_until
+from tests.support import (
+    REPO,
+    Backends,
+    Lbtcp,
+    closed_port,
+    open_session,
+    roundtrip,
+    wait_until,
+)
 
 # --- the plan (pure) ---------------------------------------------------------------------
 
@@ -335,3 +344,33 @@ def test_check_and_reload_of_the_example_units_config(tmp_path: Path) -> None:
         [sys.executable, "-m", "lbtcp", "check", str(path)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_reload_under_load_loses_nothing(tmp_path: Path) -> None:
+    """benchmarks/reload_under_load.py for 5 s (the 30 s run is the benchmark): a reload
+    every 250 ms while lbtcp bench runs rr and connect loads."""
+    out = tmp_path / "result.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "reload_under_load.py"),
+            "--duration",
+            "5",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    result = json.loads(out.read_text())
+    assert result["failures"] == [], done.stdout + done.stderr
+    assert done.returncode == 0
+    assert result["reloads"]["failed"] == 0
+    assert result["reloads"]["ok"] >= 12  # about 20 in 5 s; fewer only on a crowded machine
+    for mode in ("rr", "connect"):
+        assert result[mode]["errors_total"] == 0, result[mode]
+        assert result[mode]["requests"] > 100, result[mode]
+    assert result["long_lived"]["alive_at_end"] == result["long_lived"]["sessions"]
+    assert result["long_lived"]["byte_exact"]
+    assert result["lbtcp_exit_code"] == 0
