@@ -158,11 +158,17 @@ class Discovery:
         """The pool's servers now: its static ones, then what DNS currently says."""
         pool = self.pools[pool_name]
         servers = static_servers(pool.config)
-        if self.watcher is not None:
-            for key, (owner, entry) in self.entries.items():
-                if owner == pool_name:
-                    servers += [_server_from_target(entry, t) for t in self.watcher.current(key)]
+        for key, (owner, _entry) in self.entries.items():
+            if owner == pool_name:
+                servers += self.entry_servers(key)
         return servers
+
+    def entry_servers(self, key: str) -> list[Server]:
+        """The servers one DNS entry (``POOL/NAME``) yields now."""
+        if self.watcher is None or key not in self.entries:
+            return []
+        entry = self.entries[key][1]
+        return [_server_from_target(entry, t) for t in self.watcher.current(key)]
 
     def _rebuild(self, pool_name: str) -> None:
         pool = self.pools[pool_name]

@@ -97,9 +97,6 @@ class Runtime:
         self._reload_lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self.last_reload: ReloadResult | None = None
-        # The weight each server got from the file at the last load, to tell on a reload
-        # whether the file's weight changed (only then does it replace a runtime weight).
-        self._file_weights: dict[tuple[str, str], int] = {}
 
     def build(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -323,7 +320,6 @@ class Runtime:
             self.log.event("error", f"socket activation: {exc}")
             return 1
         self.build(loop)
-        self._remember_file_weights()
         self.discovery = Discovery(self.config, self.pools, loop, self.log, self.on_events)
         await self.discovery.start()
         try:
@@ -571,13 +567,6 @@ class Runtime:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _remember_file_weights(self) -> None:
-        self._file_weights = {
-            (name, server.name): server.weight
-            for name, pool in self.pools.items()
-            for server in pool.servers.values()
-        }
-
     async def reload(self, path: str | None = None) -> ReloadResult:
         """Read the config file (``path``, default the one running) and apply it in place.
         Called on SIGHUP, and by ``POST /reload``. One at a time; never raises."""
@@ -663,6 +652,10 @@ class Runtime:
             bound = self.open_binds(plan.binds_to_open(), config, handover)
         except (BindError, OSError) as exc:
             return ReloadResult(ok=False, source=source, errors=(str(exc),))
+        finally:
+            for group in handover.values():  # duplicates nobody took (a refused reload)
+                for sock in group:
+                    sock.close()
         # From here on nothing can be refused.
         await self._apply(plan, old, config, new_pools, balancers, bound)
         return ReloadResult(
@@ -742,8 +735,10 @@ class Runtime:
                 self.on_events(
                     pool, pool.health.reconfigure(pool_config.health, pool_config.ejection, now)
                 )
-        for name in [*plan.pools_added, *(c.name for c in plan.pools_changed)]:
-            self._sync_membership(self.pools[name], now)
+        for name in plan.pools_added:
+            self._sync_membership(self.pools[name], now, None)
+        for change in plan.pools_changed:
+            self._sync_membership(self.pools[change.name], now, set(change.weights))
         for name in [*plan.pools_added, *(c.name for c in plan.pools_changed)]:
             self._sync_prober(self.pools[name])
         # Listeners: changed ones take the new settings and pool at once, new ones start.
@@ -791,18 +786,23 @@ class Runtime:
             self.on_events(pool, pool.set_servers([], now, reason="reload: pool removed"))
         if plan.admin_changed:
             await self.rebind_admin(old, config)
-        self._remember_file_weights()
 
-    def _sync_membership(self, pool: Pool, now: float) -> None:
-        """The pool's servers as the file and DNS now say; a kept server keeps its runtime
-        weight unless the file's weight for it changed."""
+    def _sync_membership(self, pool: Pool, now: float, weights_changed: set[str] | None) -> None:
+        """The pool's servers as the file and DNS now say. A server that stays keeps its
+        current (maybe runtime) weight unless the file's weight for its entry changed
+        (``weights_changed``: entry display names; None for a new pool)."""
         assert self.discovery is not None
         servers = self.discovery.membership(pool.name)
+        fresh: set[str] = set()
+        for entry in weights_changed or ():
+            key = f"{pool.name}/{entry}"
+            if key in self.discovery.entries:  # a DNS entry: every server it yields
+                fresh.update(server.name for server in self.discovery.entry_servers(key))
+            else:
+                fresh.add(entry)
         for server in servers:
             kept = pool.servers.get(server.name)
-            if kept is None or kept.removed:
-                continue
-            if self._file_weights.get((pool.name, server.name)) == server.weight:
+            if kept is not None and not kept.removed and server.name not in fresh:
                 server.weight = kept.weight
         events = pool.set_servers(servers, now, reason="reload: not in the config any more")
         self.on_events(pool, events)

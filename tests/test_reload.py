@@ -374,3 +374,41 @@ def test_reload_under_load_loses_nothing(tmp_path: Path) -> None:
     assert result["long_lived"]["alive_at_end"] == result["long_lived"]["sessions"]
     assert result["long_lived"]["byte_exact"]
     assert result["lbtcp_exit_code"] == 0
+
+
+def test_reload_watches_and_unwatches_dns_names(
+    backends: Backends, start_lbtcp: Callable[..., Lbtcp], dns_servers: Any
+) -> None:
+    from tests.dns_server import DOMAIN
+
+    a, b = backends.echo(), backends.echo()
+    dns = dns_servers(hosts={f"app.{DOMAIN}": ["127.0.0.1"]})
+    resolver = f'[resolver]\nnameservers = ["{dns.nameserver}"]\ntimeout = "1s"\nfamily = "ipv4"\n'
+    lbtcp = start_lbtcp(_lbtcp_config([a]) + resolver)
+    address = lbtcp.address()
+    by_name = f'[[pools.app.servers]]\nname = "named"\naddress = "app.{DOMAIN}:{b}"\n'
+    line = lbtcp.reload(_lbtcp_config([a]) + by_name + resolver)
+    assert "servers +1 -0 ~0" in line
+    wait_until(lambda: b in _spread(backends, address, 2), what="the name's server in use")
+    assert set(_spread(backends, address, 6)) == {a, b}
+    # The name leaves the file: its server is removed (no new sessions), the name unwatched.
+    line = lbtcp.reload(_lbtcp_config([a]) + resolver)
+    assert "servers +0 -1 ~0" in line
+    lbtcp.wait_line(r"server_state .*server=named#127.0.0.1 .*new=removed")
+    assert set(_spread(backends, address, 6)) == {a}
+
+
+def test_reload_of_health_settings(backends: Backends, start_lbtcp: Callable[..., Lbtcp]) -> None:
+    """Probes added by a reload find a dead server; probes removed bring it back in."""
+    a = backends.echo()
+    dead = closed_port()
+    servers = {"a": a, "dead": dead}
+    lbtcp = start_lbtcp(_lbtcp_config(servers))
+    health = 'interval = "100ms"\nfast_interval = "50ms"\nfall = 1\ninitial = "healthy"'
+    line = lbtcp.reload(_lbtcp_config(servers, health=health))
+    assert "pools_changed=1" in line
+    lbtcp.wait_line(r"server_state .*server=dead .*new=unhealthy")
+    start = len(lbtcp.lines)
+    lbtcp.reload(_lbtcp_config(servers))
+    lbtcp.wait_line(r"server_state .*server=dead .*new=healthy", start=start)
+    assert lbtcp.matching(r"probes removed.* server=dead ")
