@@ -25,8 +25,10 @@ PRELOAD = (
     "encodings.latin_1",
     "encodings.utf_8",
     "json",
+    "lbtcp.admin.status",  # imported on the first GET /status
     "lbtcp.balancing",
     "lbtcp.config",
+    "lbtcp.metrics",  # and prometheus_client, on the first GET /metrics
     "lbtcp.reload",
     "linecache",
     "traceback",

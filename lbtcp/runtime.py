@@ -29,7 +29,7 @@ from lbtcp import __version__
 from lbtcp.admin.routes import Router
 from lbtcp.admin.server import AdminServer
 from lbtcp.balancing import Balancer, BalancerError
-from lbtcp.config import Config, ConfigError, load_config
+from lbtcp.config import AdminConfig, Config, ConfigError, load_config
 from lbtcp.counters import ReloadStats
 from lbtcp.discovery import Discovery
 from lbtcp.events import (
@@ -55,6 +55,10 @@ from lbtcp.systemd import ListenFdsError, Notifier, check_listening, take_listen
 SLOW_START_STEP = 0.25
 
 DRAIN_POLL = 0.05
+
+# After a reload moves the admin API, the old address keeps serving this long (the request
+# that asked for the reload gets its answer there).
+ADMIN_HANDOFF = 1.0
 
 # How often STATUS= is refreshed for systemd (sent only when it changed).
 STATUS_INTERVAL = 2.0
@@ -83,6 +87,7 @@ class Runtime:
         # while it still accepts, then while live sessions drain.
         self.draining = False
         self.admin: AdminServer | None = None
+        self._retired_admins: set[AdminServer] = set()  # moved by a reload, closing soon
         self._stop_now: asyncio.Event | None = None
         # systemd: notify socket, and the sockets passed by socket activation (by fd name).
         self.notifier = Notifier({})  # replaced by the environment's in run()
@@ -373,8 +378,45 @@ class Runtime:
         self.notifier.close()
         return 0
 
-    async def rebind_admin(self, old: Config, new: Config) -> None:
-        """Hook: a reload changed ``[admin]``; the admin server rebinds here."""
+    async def _prepare_admin(self, new: AdminConfig | None) -> AdminServer | None:
+        """A reload's new admin server, started (bound) before anything changes, when
+        ``[admin]`` appears or its ``listen`` changes; None otherwise. Raises OSError."""
+        assert self._loop is not None
+        current = self.config.admin
+        if new is None or (current is not None and current.listen == new.listen):
+            return None
+        router = Router(self, new, self._on_admin_error)
+        server = AdminServer(str(new.listen), router.handle, self.log, self._loop)
+        await server.start()
+        return server
+
+    def _switch_admin(self, new: AdminConfig | None, started: AdminServer | None) -> None:
+        """Apply a changed ``[admin]``: the new server (if one was started) takes over; the
+        old one stops after ADMIN_HANDOFF, so that the request that asked for this reload
+        still gets its answer; same address, other settings: new rules at once."""
+        assert self._loop is not None
+        old = self.admin
+        if started is not None or new is None:
+            if old is not None:
+                self._retired_admins.add(old)
+                self._loop.call_later(ADMIN_HANDOFF, self._close_admin, old)
+            self.admin = started
+            if started is not None and new is not None:
+                self.log.event(
+                    "admin_listening",
+                    "admin API serving",
+                    address=started.address,
+                    auth="token" if new.token else "none",
+                )
+            else:
+                self.log.event("admin_stopped", "[admin] removed: no admin API any more")
+        elif old is not None:
+            old.handler = Router(self, new, self._on_admin_error).handle
+
+    def _close_admin(self, server: AdminServer) -> None:
+        """Timer callback (ADMIN_HANDOFF after a reload moved the admin API), and on stop."""
+        self._retired_admins.discard(server)
+        server.close()
 
     def _drop_privileges(self) -> bool:
         """Become ``[global] user`` once every socket is bound. False (logged) on failure."""
@@ -480,6 +522,8 @@ class Runtime:
         # The admin API closes last: /healthz says 503 and /status stays readable throughout.
         if self.admin is not None:
             self.admin.close()
+        for server in list(self._retired_admins):
+            self._close_admin(server)
         self.log.event("stop", "lbtcp stopped", closed_sessions=left)
         self.log.flush()
 
@@ -656,8 +700,21 @@ class Runtime:
             for group in handover.values():  # duplicates nobody took (a refused reload)
                 for sock in group:
                     sock.close()
+        # The admin API's new address last: its server starts accepting when bound.
+        try:
+            new_admin = await self._prepare_admin(config.admin)
+        except OSError as exc:
+            for groups in bound.values():
+                for group in groups.values():
+                    for sock in group:
+                        sock.close()
+            assert config.admin is not None
+            where = f"admin.listen: {config.admin.listen}"
+            return ReloadResult(
+                ok=False, source=source, errors=(f"{where}: {exc.strerror or exc}",)
+            )
         # From here on nothing can be refused.
-        await self._apply(plan, old, config, new_pools, balancers, bound)
+        await self._apply(plan, old, config, new_pools, balancers, bound, new_admin)
         return ReloadResult(
             ok=True,
             source=source,
@@ -698,6 +755,7 @@ class Runtime:
         new_pools: dict[str, Pool],
         balancers: dict[str, Balancer],
         bound: dict[str, dict[str, list[socket.socket]]],
+        new_admin: AdminServer | None,
     ) -> None:
         """Apply a validated plan whose sockets are bound; see lbtcp.reload for the order."""
         assert self._loop is not None
@@ -785,7 +843,7 @@ class Runtime:
                 timer.cancel()
             self.on_events(pool, pool.set_servers([], now, reason="reload: pool removed"))
         if plan.admin_changed:
-            await self.rebind_admin(old, config)
+            self._switch_admin(config.admin, new_admin)
 
     def _sync_membership(self, pool: Pool, now: float, weights_changed: set[str] | None) -> None:
         """The pool's servers as the file and DNS now say. A server that stays keeps its
