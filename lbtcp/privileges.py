@@ -24,6 +24,8 @@ PRELOAD = (
     "encodings.idna",
     "encodings.latin_1",
     "encodings.utf_8",
+    "importlib.readers",  # importlib.resources reads the status page (package data) with it
+    "importlib.resources",
     "json",
     "lbtcp.admin.status",  # imported on the first GET /status
     "lbtcp.balancing",

@@ -408,6 +408,49 @@ def test_drops_to_nobody_after_binding_a_low_port(
         lbtcp.stop()
 
 
+def _unreadable_by_others(path: Path) -> bool:
+    """Some directory on the way to ``path`` denies "others" read or search access."""
+    for parent in [path, *path.parents]:
+        if parent.exists() and os.stat(parent).st_mode & 0o005 != 0o005:
+            return True
+    return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_after_the_drop_nothing_needs_the_unreadable_installation(
+    backends: Backends, public_dir: Path
+) -> None:
+    """The tests' own interpreter lives under /root: after dropping to nobody it cannot
+    import anything more. Every admin endpoint and a reload must still work, which proves
+    that lbtcp imported all it needs before the drop."""
+    from tests.test_admin_server import admin_address, get, post
+
+    prefix = Path(sys.base_prefix).resolve()  # the standard library
+    if not _unreadable_by_others(prefix):
+        pytest.skip(f"{prefix} is readable by everyone here: nothing to prove")
+    echo = backends.echo()
+    text = '[admin]\nlisten = "127.0.0.1:0"\n' + config(
+        [echo], global_extra='user = "nobody"', pool_extra="[pools.app.health]\n"
+    )
+    lbtcp = Lbtcp(text, public_dir)
+    try:
+        lbtcp.wait_line(r"privileges .*user=nobody")
+        admin = admin_address(lbtcp)
+        for path in ("/", "/status", "/metrics", "/healthz"):
+            assert get(admin, path).status == 200, path
+        openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
+        assert get(admin, "/metrics", openmetrics).status == 200
+        lbtcp.wait_line(r"server_state .*new=healthy", timeout=15)  # probes run as nobody
+        assert roundtrip(lbtcp.address(), b"as nobody") == b"as nobody"
+        lbtcp.config_path.write_text(text.replace('balance = "round_robin"', 'balance = "random"'))
+        reply = post(admin, "/reload")
+        assert reply.status == 200, reply.body
+        assert post(admin, "/pools/app/servers/127.0.0.1%3A" + str(echo) + "/drain").status == 200
+        assert not lbtcp.matching(r"admin_error|Traceback|ModuleNotFoundError")
+    finally:
+        lbtcp.stop()
+
+
 def test_an_unknown_user_is_a_start_up_error(backends: Backends, tmp_path: Path) -> None:
     text = config([backends.echo()], global_extra='user = "no-such-user-lbtcp"')
     lbtcp = Lbtcp(text, tmp_path, wait=False)
