@@ -93,6 +93,7 @@ class Runtime:
         self.notifier = Notifier({})  # replaced by the environment's in run()
         self.fd_sockets: dict[str, list[socket.socket]] = {}
         self._ready = False
+        self._serving = False  # from the start line on: reloads are taken
         self._status_text = ""
         self._status_timer: asyncio.TimerHandle | None = None
         self._ready_timer: asyncio.TimerHandle | None = None
@@ -370,6 +371,7 @@ class Runtime:
             listeners=len(self.listeners),
             pools=len(self.pools),
         )
+        self._serving = True
         self._arm_ready(loop)
         await self._stop_requested.wait()
         await self._stop(loop)
@@ -615,8 +617,12 @@ class Runtime:
         """Read the config file (``path``, default the one running) and apply it in place.
         Called on SIGHUP, and by ``POST /reload``. One at a time; never raises."""
         source = path or self.config.source
-        if self._stop_requested is None or self._stop_requested.is_set():
-            return ReloadResult(ok=False, source=source, errors=("lbtcp is stopping",))
+        if not self._serving or self._stop_requested is None or self._stop_requested.is_set():
+            # Before the start line (the admin API answers a moment earlier) or while
+            # stopping, a reload would race the start-up or the drain: refused, not counted.
+            why = "lbtcp is stopping" if self._serving else "lbtcp is still starting"
+            self.log.event("reload_ignored", f"{why}: reload not done", config=source)
+            return ReloadResult(ok=False, source=source, errors=(why,))
         assert self._reload_lock is not None
         async with self._reload_lock:
             self.notifier.reloading()
