@@ -23,7 +23,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 from lbtcp import __version__
 from lbtcp.admin.routes import Router
@@ -214,6 +215,8 @@ class Runtime:
         loop = self._loop
         if loop is None or self._stop_requested is None or self._stop_requested.is_set():
             return
+        if self.pools.get(pool.name) is not pool:
+            return  # removed by a reload: late events (a retired listener's connects) only
         deadline = pool.next_deadline()
         if pool.ramping:
             step = loop.time() + SLOW_START_STEP
@@ -607,9 +610,10 @@ class Runtime:
         """Signal handler (SIGHUP): reload the config file in the background."""
         self._spawn(self.reload())
 
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        """Run ``coro`` as a task that is kept referenced until it is done."""
         assert self._loop is not None
-        task: asyncio.Task[object] = self._loop.create_task(coro)  # type: ignore[arg-type]
+        task: asyncio.Task[object] = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -841,13 +845,13 @@ class Runtime:
                 self._spawn(self._drain_retired(listener, config.global_.drain_timeout))
         for name in plan.pools_removed:
             pool = self.pools.pop(name)
+            self.on_events(pool, pool.set_servers([], now, reason="reload: pool removed"))
             prober = self.probers.pop(name, None)
             if prober is not None:
                 prober.close()
             timer = self._pool_timers.pop(name, None)
             if timer is not None:
                 timer.cancel()
-            self.on_events(pool, pool.set_servers([], now, reason="reload: pool removed"))
         if plan.admin_changed:
             self._switch_admin(config.admin, new_admin)
 

@@ -412,3 +412,25 @@ def test_reload_of_health_settings(backends: Backends, start_lbtcp: Callable[...
     lbtcp.reload(_lbtcp_config(servers))
     lbtcp.wait_line(r"server_state .*server=dead .*new=healthy", start=start)
     assert lbtcp.matching(r"probes removed.* server=dead ")
+
+
+def test_a_listener_moved_to_a_new_pool_and_the_old_pool_removed(
+    backends: Backends, start_lbtcp: Callable[..., Lbtcp]
+) -> None:
+    a, b = backends.echo(), backends.echo()
+    lbtcp = start_lbtcp(_lbtcp_config([a]))
+    address = lbtcp.address()
+    live = open_session(address, b"on the old pool")
+    moved = (
+        '[listeners.web]\nbind = "127.0.0.1:0"\npool = "new"\n'
+        f'[pools.new]\nbalance = "random"\n[[pools.new.servers]]\naddress = "127.0.0.1:{b}"\n'
+    )
+    line = lbtcp.reload(moved)
+    assert "listeners +0 -0 ~1, servers +1 -1 ~0" in line
+    assert "pools_added=1 pools_removed=1" in line
+    lbtcp.wait_line(r"server_state .*reload: pool removed.* pool=app ")
+    assert set(_spread(backends, address, 5)) == {b}
+    live.sendall(b"still relayed")
+    assert live.recv(100) == b"still relayed"
+    live.close()
+    lbtcp.wait_line(r"access .*pool=(app|new) server=" + str(a) + " .*term=--")
