@@ -140,6 +140,56 @@ def test_plan_server_diff_matches_the_sets(
     assert counts["servers_removed"] == len(old_addr) - len(stays)
 
 
+listener_sets = st.dictionaries(
+    st.sampled_from(["web", "api", "db", "ops"]),
+    st.sets(st.integers(8000, 8005), min_size=1, max_size=3),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _with_listeners(listeners: dict[str, set[int]]) -> Any:
+    data: dict[str, Any] = {
+        "listeners": {
+            name: {"bind": [f"127.0.0.1:{port}" for port in sorted(ports)], "pool": "app"}
+            for name, ports in listeners.items()
+        },
+        "pools": {"app": {"servers": [{"address": "127.0.0.1:9000"}]}},
+    }
+    # Two listeners may not share an address in one file: keep the first one's.
+    seen: set[str] = set()
+    for table in data["listeners"].values():
+        table["bind"] = [b for b in table["bind"] if b not in seen] or ["127.0.0.1:0"]
+        seen.update(b for b in table["bind"] if not b.endswith(":0"))
+    return parse_config(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(listener_sets, listener_sets)
+def test_plan_opens_exactly_the_new_binds(
+    old_listeners: dict[str, set[int]], new_listeners: dict[str, set[int]]
+) -> None:
+    old, new = _with_listeners(old_listeners), _with_listeners(new_listeners)
+    plan = plan_reload(old, new)
+    expected = {
+        (name, bind)
+        for name, listener in new.listeners.items()
+        for bind in listener.bind
+        if name not in old.listeners or bind not in old.listeners[name].bind
+    }
+    assert set(plan.binds_to_open()) == expected
+    closed = {(c.name, b) for c in plan.listeners_changed for b in c.remove_binds}
+    assert closed == {
+        (name, bind)
+        for name, listener in old.listeners.items()
+        if name in new.listeners
+        for bind in listener.bind
+        if bind not in new.listeners[name].bind
+    }
+    assert set(plan.listeners_removed) == set(old.listeners) - set(new.listeners)
+    assert set(plan.listeners_added) == set(new.listeners) - set(old.listeners)
+
+
 # --- end to end --------------------------------------------------------------------------
 
 

@@ -560,3 +560,43 @@ def test_memory_deny_write_execute_is_fine_for_lbtcp(
     assert " reload msg=" in lbtcp.reload(text)
     assert roundtrip(lbtcp.address(), b"after") == b"after"
     assert lbtcp.proc.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("global_extra", "bind", "error"),
+    [
+        ("", "fd:", "listeners.web.bind[0]: 'fd:': expected 'fd:NAME'"),
+        ("", "fd:a:b", "listeners.web.bind[0]: 'fd:a:b': expected 'fd:NAME'"),
+        ('group = "nogroup"', "fd:web", "global.group: needs 'user' too"),
+        ('user = "nobody"\ngroup = "no-such-group-x"', "fd:web", "global.group: no group named"),
+        ('shutdown_grace = "soon"', "fd:web", "global.shutdown_grace: 'soon' is not a duration"),
+    ],
+)
+def test_config_errors_of_the_systemd_keys(global_extra: str, bind: str, error: str) -> None:
+    from lbtcp.config import ConfigError, parse_config
+    from tests.support import config as config_text
+
+    try:
+        import tomllib
+    except ImportError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    text = config_text([9000], global_extra=global_extra).replace("127.0.0.1:0", bind)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(tomllib.loads(text))
+    assert any(e.startswith(error) for e in caught.value.errors), caught.value.errors
+
+
+def test_fd_binds_and_the_new_global_keys_parse() -> None:
+    from lbtcp.config import parse_config
+
+    config_ = parse_config(
+        {
+            "global": {"user": "nobody", "group": "nogroup", "shutdown_grace": "1.5s"},
+            "listeners": {"web": {"bind": ["fd:web", "fd:web-v6"], "pool": "app"}},
+            "pools": {"app": {"servers": [{"address": "127.0.0.1:1"}]}},
+        }
+    )
+    assert config_.listeners["web"].bind == ("fd:web", "fd:web-v6")
+    assert (config_.global_.user, config_.global_.group) == ("nobody", "nogroup")
+    assert config_.global_.shutdown_grace == 1.5
