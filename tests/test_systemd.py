@@ -553,10 +553,16 @@ def test_memory_deny_write_execute_is_fine_for_lbtcp(
         f'[[pools.app.servers]]\naddress = "app.{DOMAIN}:{echo}"\n'
         f'[resolver]\nnameservers = ["{dns.nameserver}"]\ntimeout = "1s"\nfamily = "ipv4"\n'
     )
+    text = '[admin]\nlisten = "127.0.0.1:0"\n' + text
     lbtcp = start_lbtcp(text, prefix=(sys.executable, str(wrapper)))
     lbtcp.wait_line(r"dns_change ", timeout=10)
     for i in range(6):
         assert roundtrip(lbtcp.address(), b"mdwe %d" % i) == b"mdwe %d" % i
+    from tests.test_admin_server import admin_address, get
+
+    admin = admin_address(lbtcp)
+    for path in ("/", "/status", "/metrics"):
+        assert get(admin, path).status == 200, path
     assert " reload msg=" in lbtcp.reload(text)
     assert roundtrip(lbtcp.address(), b"after") == b"after"
     assert lbtcp.proc.poll() is None
