@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -377,22 +378,30 @@ def _status_fields(pid: int) -> list[dict[str, str]]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_drops_to_nobody_after_binding_a_low_port(
-    backends: Backends, start_lbtcp: Callable[..., Lbtcp], public_dir: Path
+    backends: Backends, public_dir: Path, dns_servers: Any
 ) -> None:
+    from tests.dns_server import DOMAIN
+
     python, env = _readable_python()
     echo = backends.echo()
     held = _low_port()
     port = held.getsockname()[1]
     held.close()
+    # A server by name: the resolver (pycares) runs its own thread from before the drop, so
+    # "every thread" is more than the main one.
+    dns = dns_servers(hosts={f"app.{DOMAIN}": ["127.0.0.1"]})
     text = config([echo], global_extra='user = "nobody"').replace(
         "127.0.0.1:0", f"127.0.0.1:{port}"
+    ) + (
+        f'[[pools.app.servers]]\naddress = "app.{DOMAIN}:{echo}"\n'
+        f'[resolver]\nnameservers = ["{dns.nameserver}"]\nfamily = "ipv4"\n'
     )
     lbtcp = Lbtcp(text, public_dir, env=env, python=python)
     try:
         lbtcp.wait_line(r"privileges .*user=nobody")
         nobody = "65534"
         threads = _status_fields(lbtcp.proc.pid)
-        assert len(threads) >= 1
+        assert len(threads) >= 2, "expected the resolver's thread beside the main one"
         for status in threads:
             assert status["Uid"].split() == [nobody] * 4, status["Uid"]
             assert status["Gid"].split() == [nobody] * 4, status["Gid"]
