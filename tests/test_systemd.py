@@ -314,6 +314,12 @@ def test_socket_activation_serves_on_fd_web(
     lbtcp.wait_line(r"listening listener=web ")
     for i in range(5):
         assert roundtrip(("127.0.0.1", port), b"again %d" % i) == b"again %d" % i
+    # A reload keeps fd:web (same bind); one naming an fd that was not passed is refused.
+    assert " reload msg=" in lbtcp.reload(text)
+    bad = text + '[listeners.other]\nbind = "fd:other"\npool = "app"\n'
+    assert " reload_failed msg=" in lbtcp.reload(bad)
+    assert lbtcp.matching(r"reload_error .*fd:other: systemd passed no socket named 'other'")
+    assert roundtrip(("127.0.0.1", port), b"after the reloads") == b"after the reloads"
 
 
 def test_an_fd_name_not_passed_is_a_start_up_error(
