@@ -464,7 +464,10 @@ class Runtime:
                         )
                     group = []
                     for sock in passed:
-                        check_listening(sock, name)
+                        try:
+                            check_listening(sock, name)
+                        except OSError as exc:
+                            raise BindError(f"listeners.{listener}.bind: {exc}") from None
                         group.append(sock.dup())
                         opened.append(group[-1])
                 elif handover is not None and bind in handover:

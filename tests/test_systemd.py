@@ -322,6 +322,24 @@ def test_socket_activation_serves_on_fd_web(
     assert roundtrip(("127.0.0.1", port), b"after the reloads") == b"after the reloads"
 
 
+def test_a_passed_socket_that_is_not_tcp_is_a_start_up_error(
+    backends: Backends, start_lbtcp: Callable[..., Lbtcp]
+) -> None:
+    activate = shutil.which("systemd-socket-activate")
+    assert activate
+    port = closed_port()
+    text = config([backends.echo()]).replace('bind = "127.0.0.1:0"', 'bind = "fd:web"')
+    lbtcp = start_lbtcp(
+        text, wait=False, prefix=(activate, "-d", "-l", f"127.0.0.1:{port}", "--fdname=web")
+    )
+    lbtcp.wait_line(rf"Listening on 127.0.0.1:{port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:  # starts lbtcp
+        udp.sendto(b"wake up", ("127.0.0.1", port))
+    assert lbtcp.wait(15) == 1
+    line = lbtcp.wait_line(r"cannot listen")
+    assert "listeners.web.bind: fd:web: descriptor 3 is not a TCP socket" in line
+
+
 def test_an_fd_name_not_passed_is_a_start_up_error(
     backends: Backends, start_lbtcp: Callable[..., Lbtcp]
 ) -> None:
