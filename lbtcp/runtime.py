@@ -632,7 +632,10 @@ class Runtime:
             return ReloadResult(ok=False, source=source, errors=(why,))
         assert self._reload_lock is not None
         async with self._reload_lock:
-            self.notifier.reloading()
+            # Before the first READY=1 systemd still waits for the start: no RELOADING then.
+            announce = self._ready
+            if announce:
+                self.notifier.reloading()
             started = time.monotonic()
             try:
                 result = await self._reload(source)
@@ -664,7 +667,8 @@ class Runtime:
                     errors=len(result.errors),
                 )
             self._status_text = self.status_text()
-            self.notifier.ready(self._status_text)
+            if announce:
+                self.notifier.ready(self._status_text)
             return result
 
     def _loop_exception(self, message: str, exc: BaseException) -> None:
