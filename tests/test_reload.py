@@ -484,3 +484,19 @@ def test_a_listener_moved_to_a_new_pool_and_the_old_pool_removed(
     assert live.recv(100) == b"still relayed"
     live.close()
     lbtcp.wait_line(r"access .*pool=(app|new) server=" + str(a) + " .*term=--")
+
+
+def test_reload_line_in_json_and_a_log_format_change_applies_at_once(
+    backends: Backends, start_lbtcp: Callable[..., Lbtcp]
+) -> None:
+    a, b = backends.echo(), backends.echo()
+    lbtcp = start_lbtcp(_lbtcp_config([a], global_extra='log_format = "json"'))
+    line = lbtcp.reload(_lbtcp_config([a, b], global_extra='log_format = "json"'))
+    record = json.loads(line)
+    assert record["kind"] == "reload"
+    assert record["summary"] == "listeners +0 -0 ~0, servers +1 -0 ~0"
+    assert record["servers_added"] == 1
+    # Back to text: the next lines are text at once.
+    line = lbtcp.reload(_lbtcp_config([a, b]))
+    assert line.split()[1] == "reload"
+    assert 'summary="listeners +0 -0 ~0, servers +0 -0 ~0"' in line
