@@ -500,3 +500,26 @@ def test_reload_line_in_json_and_a_log_format_change_applies_at_once(
     line = lbtcp.reload(_lbtcp_config([a, b]))
     assert line.split()[1] == "reload"
     assert 'summary="listeners +0 -0 ~0, servers +0 -0 ~0"' in line
+
+
+def test_reload_turns_proxy_headers_on_for_the_listener_that_stays(
+    backends: Backends, start_lbtcp: Callable[..., Lbtcp]
+) -> None:
+    """The listener's socket stays; the next client is read as PROXY v1 at once."""
+    a = backends.echo()
+    lbtcp = start_lbtcp(_lbtcp_config([a]))
+    address = lbtcp.address()
+    header = b"PROXY TCP4 192.0.2.7 198.51.100.1 40001 80\r\n"
+    # Off: the header is just bytes, echoed back.
+    assert roundtrip(address, header + b"data") == header + b"data"
+    text = _lbtcp_config([a]).replace(
+        'pool = "app"',
+        'pool = "app"\nproxy_protocol = "v1"\nproxy_protocol_from = ["127.0.0.1/32"]',
+    )
+    assert "listeners +0 -0 ~1" in lbtcp.reload(text)
+    assert lbtcp.address() == address
+    assert roundtrip(address, header + b"data") == b"data"
+    lbtcp.wait_line(r"access .*client=192.0.2.7:40001 ")
+    # And off again.
+    assert "listeners +0 -0 ~1" in lbtcp.reload(_lbtcp_config([a]))
+    assert roundtrip(address, header + b"data") == header + b"data"
