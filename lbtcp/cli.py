@@ -261,6 +261,38 @@ def weight(
     _change("weight", pool, server, n, (admin, config, token, timeout))
 
 
+@main.command()
+@_admin_options
+def reload(
+    admin: Endpoint | None,
+    config: str | None,
+    token: str | None,
+    timeout: float,
+) -> None:
+    """Reload the running config file in place (as SIGHUP), through the admin API.
+
+    Prints what changed; with an invalid file, prints every error and exits 2 (the running
+    configuration is untouched)."""
+    from lbtcp.admin.client import AdminError, printable
+
+    with _admin_client(admin, config, token, timeout) as client:
+        try:
+            result = client.reload()
+        except AdminError as exc:
+            _fail(str(exc))
+    source = printable(str(result.get("config", "")))
+    if not result.get("ok"):
+        errors = [printable(str(e)) for e in result.get("errors") or []]
+        click.echo(f"{source}: not reloaded, {len(errors)} error(s):", err=True)
+        for error in errors:
+            click.echo(f"  {error}", err=True)
+        click.echo("the running configuration is unchanged", err=True)
+        sys.exit(EXIT_BAD_CONFIG)
+    click.echo(f"{source}: reloaded: {printable(str(result.get('summary', '')))}")
+    for note in result.get("restart_needed") or []:
+        click.echo(f"  note: {printable(str(note))}", err=True)
+
+
 def _add_bench_commands() -> None:
     from lbtcp.bench.commands import bench, echo, sink
 

@@ -9,8 +9,10 @@ silently. All durations become float seconds; all byte strings become ``bytes``.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import math
+import pwd
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -55,6 +57,8 @@ class GlobalConfig:
     access_log: bool = True
     drain_timeout: float = 30.0
     user: str = ""
+    group: str = ""
+    shutdown_grace: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,7 @@ class Config:
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_FD_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,255}$")
 
 
 def parse_duration(value: object) -> float:
@@ -337,9 +342,15 @@ def _bind_list(reader: _Reader) -> tuple[str, ...]:
     for index, item in enumerate(items):
         where = f"{reader.key_path('bind')}[{index}]"
         if isinstance(item, str) and item.startswith("fd:"):
-            reader.errors.append(
-                f"{where}: systemd socket activation ('fd:NAME') is not supported yet"
-            )
+            # systemd's FileDescriptorName= rules: up to 255 printable characters, no ':'.
+            fd_name = item[3:]
+            if not _FD_NAME_RE.match(fd_name):
+                reader.errors.append(
+                    f"{where}: {item!r}: expected 'fd:NAME', NAME as in the socket unit's "
+                    "FileDescriptorName= (letters, digits, '_', '-', '.', '@', at most 255)"
+                )
+                continue
+            binds.append(item)
             continue
         try:
             endpoint = parse_endpoint(item, allow_names=False)
@@ -374,9 +385,23 @@ def _parse_global(reader: _Reader | None) -> GlobalConfig:
         access_log=reader.get("access_log", True, _bool),
         drain_timeout=reader.get("drain_timeout", 30.0, parse_duration),
         user=reader.get("user", "", _str),
+        group=reader.get("group", "", _str),
+        shutdown_grace=reader.get("shutdown_grace", 0.0, parse_duration),
     )
+    # Unknown accounts are config errors (as haproxy -c and nginx -t report them), so that
+    # "lbtcp check" catches them before a start or a reload.
     if result.user:
-        reader.error("dropping privileges is not supported yet; leave user empty", "user")
+        try:
+            pwd.getpwnam(result.user)
+        except KeyError:
+            reader.error(f"no user named {result.user!r} on this system", "user")
+    if result.group:
+        if not result.user:
+            reader.error("needs 'user' too (the group is changed when dropping to it)", "group")
+        try:
+            grp.getgrnam(result.group)
+        except KeyError:
+            reader.error(f"no group named {result.group!r} on this system", "group")
     reader.finish()
     return result
 

@@ -1,13 +1,14 @@
 """Servers named by DNS: keeps each pool's membership in step with ``resolution.DnsWatcher``.
 
 Theory of operation. A server entry whose address is ``NAME:PORT``, or that has ``srv``, is
-dynamic: one watch per entry (key ``POOL/INDEX``) in a single ``DnsWatcher`` shared by every
-pool, so a name used twice is looked up once. Whenever the targets of a watch change, the
-pool's whole membership is rebuilt (its static IP servers plus the current targets of each of
-its watches) and handed to ``Pool.set_servers``, which diffs by server name: an address that
-stays keeps its health state, ejection history and counters; a new one enters through the
-health machine's initial state; a removed one takes no new sessions while its live sessions
-run to their natural end. Membership changes never happen on the connect path.
+dynamic: one watch per entry (key ``POOL/NAME``, by the entry's display name) in a single
+``DnsWatcher`` shared by every pool, so a name used twice is looked up once. Whenever the
+targets of a watch change, the pool's whole membership is rebuilt (its static IP servers plus
+the current targets of each of its watches) and handed to ``Pool.set_servers``, which diffs by
+server name: an address that stays keeps its health state, ejection history and counters; a
+new one enters through the health machine's initial state; a removed one takes no new sessions
+while its live sessions run to their natural end. Membership changes never happen on the
+connect path.
 
 Server names: ``NAME:PORT#IP`` for a name (``display#IP`` when the entry has a ``name``), and
 ``TARGET:PORT#IP`` for SRV records (``name/TARGET:PORT#IP`` with a ``name``). They are stable
@@ -53,6 +54,18 @@ def _server_from_target(entry: ServerConfig, target: ResolvedTarget) -> Server:
     )
 
 
+def dynamic_entries(config: Config) -> dict[str, tuple[str, ServerConfig]]:
+    """The DNS entries of every pool, keyed ``POOL/NAME`` by the entry's display name (unique
+    in its pool): stable when a reload reorders or inserts entries, so a name that stays keeps
+    its watch."""
+    return {
+        f"{pool_name}/{entry.display_name}": (pool_name, entry)
+        for pool_name, pool_config in config.pools.items()
+        for entry in pool_config.servers
+        if entry.is_dynamic
+    }
+
+
 class Discovery:
     """The DNS side of a runtime: watches, membership rebuilds, and DNS log lines."""
 
@@ -69,11 +82,7 @@ class Discovery:
         self.loop = loop
         self.log = log
         self.on_pool_events = on_pool_events
-        self.entries: dict[str, tuple[str, ServerConfig]] = {}
-        for pool_name, pool_config in config.pools.items():
-            for index, entry in enumerate(pool_config.servers):
-                if entry.is_dynamic:
-                    self.entries[f"{pool_name}/{index}"] = (pool_name, entry)
+        self.entries = dynamic_entries(config)
         self.watcher: DnsWatcher | None = None
         self._started = False
 
@@ -98,17 +107,48 @@ class Discovery:
             clock=self.loop.time,
         )
         for key, (_pool, entry) in self.entries.items():
-            if entry.srv:
-                self.watcher.watch_srv(key, entry.srv, backup=entry.backup)
-            else:
-                endpoint = parse_endpoint(entry.address)
-                self.watcher.watch_name(
-                    key, endpoint.host, endpoint.port, entry.weight, entry.backup
-                )
+            self._watch(key, entry)
         await self.watcher.start(wait=True, ready_timeout=self.config.resolver.timeout + 0.5)
         self._started = True
         for pool_name in {pool for pool, _entry in self.entries.values()}:
             self._rebuild(pool_name)
+
+    def _watch(self, key: str, entry: ServerConfig) -> None:
+        assert self.watcher is not None
+        if entry.srv:
+            self.watcher.watch_srv(key, entry.srv, backup=entry.backup)
+        else:
+            endpoint = parse_endpoint(entry.address)
+            self.watcher.watch_name(key, endpoint.host, endpoint.port, entry.weight, entry.backup)
+
+    async def reconfigure(self, config: Config) -> None:
+        """A reload: watch the names that are new or changed, unwatch those that left. The
+        pools are rebuilt by the caller (it applies the rest of the reload to them first).
+        A name watched before keeps its cached answer, so its servers stay members."""
+        entries = dynamic_entries(config)
+        self.config = config
+        old, self.entries = self.entries, entries
+        if self.watcher is None:
+            if entries:
+                # The first names: start the watcher without waiting for answers (a reload
+                # must not stall); the pools fill in when the answers arrive.
+                self.watcher = DnsWatcher(
+                    config.resolver,
+                    on_change=self._on_change,
+                    on_event=self._on_event,
+                    clock=self.loop.time,
+                )
+                for key, (_pool, entry) in entries.items():
+                    self._watch(key, entry)
+                await self.watcher.start(wait=False)
+                self._started = True
+            return
+        for key in old:
+            if key not in entries:
+                self.watcher.unwatch(key)
+        for key, (pool_name, entry) in entries.items():
+            if old.get(key) != (pool_name, entry):
+                self._watch(key, entry)
 
     async def close(self) -> None:
         if self.watcher is not None:
@@ -118,11 +158,17 @@ class Discovery:
         """The pool's servers now: its static ones, then what DNS currently says."""
         pool = self.pools[pool_name]
         servers = static_servers(pool.config)
-        if self.watcher is not None:
-            for key, (owner, entry) in self.entries.items():
-                if owner == pool_name:
-                    servers += [_server_from_target(entry, t) for t in self.watcher.current(key)]
+        for key, (owner, _entry) in self.entries.items():
+            if owner == pool_name:
+                servers += self.entry_servers(key)
         return servers
+
+    def entry_servers(self, key: str) -> list[Server]:
+        """The servers one DNS entry (``POOL/NAME``) yields now."""
+        if self.watcher is None or key not in self.entries:
+            return []
+        entry = self.entries[key][1]
+        return [_server_from_target(entry, t) for t in self.watcher.current(key)]
 
     def _rebuild(self, pool_name: str) -> None:
         pool = self.pools[pool_name]

@@ -21,7 +21,7 @@ import asyncio
 import errno
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from time import monotonic
 
 from lbtcp.addresses import format_address, parse_endpoint
@@ -84,6 +84,8 @@ class Listener:
         self.loop = loop
         self.servers: list[asyncio.AbstractServer] = []
         self.addresses: list[str] = []
+        # bind string ("127.0.0.1:8080", "fd:web") -> its servers and their addresses
+        self.bound: dict[str, list[tuple[asyncio.AbstractServer, str]]] = {}
         self.sessions: set[Session] = set()
         self.per_source: dict[str, int] = {}
         self.accepting = False
@@ -110,24 +112,66 @@ class Listener:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Bind every address and start accepting. Raises OSError (port in use, ...)."""
-        sockets = []
-        try:
-            for address in self.config.bind:
-                sockets.append(bind_socket(address, self.config.backlog))
-        except BaseException:
-            for sock in sockets:
-                sock.close()
-            raise
-        for sock in sockets:
-            server = await self.loop.create_server(
-                self._factory, sock=sock, backlog=self.config.backlog
-            )
-            self.servers.append(server)
-            host, port = sock.getsockname()[:2]
-            self.addresses.append(format_address(host, port))
+    async def start(self, sockets: Mapping[str, Sequence[socket.socket]] | None = None) -> None:
+        """Bind every address, or serve ``sockets`` (bind string -> sockets already bound, as
+        a reload and socket activation hand them over), and start accepting. Raises OSError
+        (port in use, ...)."""
+        if sockets is None:
+            bound: dict[str, list[socket.socket]] = {}
+            try:
+                for address in self.config.bind:
+                    bound[address] = [bind_socket(address, self.config.backlog)]
+            except BaseException:
+                for group in bound.values():
+                    for sock in group:
+                        sock.close()
+                raise
+            sockets = bound
+        await self.add_sockets(sockets)
         self.accepting = True
+
+    async def add_sockets(self, sockets: Mapping[str, Sequence[socket.socket]]) -> None:
+        """Accept on more listening sockets, each kept under its bind string."""
+        for bind, group in sockets.items():
+            for sock in group:
+                # Through self: a reload may switch the protocol (PROXY headers on or off)
+                # for the sockets that stay.
+                server = await self.loop.create_server(
+                    lambda: self._factory(), sock=sock, backlog=self.config.backlog
+                )
+                self.servers.append(server)
+                host, port = sock.getsockname()[:2]
+                address = format_address(host, port)
+                self.addresses.append(address)
+                self.bound.setdefault(bind, []).append((server, address))
+
+    def close_binds(self, binds: Iterable[str]) -> None:
+        """Stop accepting on these bind strings (a reload dropped them); sessions go on."""
+        for bind in binds:
+            for server, address in self.bound.pop(bind, []):
+                server.close()
+                self.servers.remove(server)
+                self.addresses.remove(address)
+
+    def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
+        """A reload changed this listener: new clients get the new settings and pool at once;
+        live sessions keep the server they have (and a client still sending its PROXY header
+        finishes under the old rules)."""
+        old = self.config
+        self.config = config
+        self.pool = pool
+        self._check_acl = bool(config.allow or config.deny)
+        if config.proxy_protocol != old.proxy_protocol:
+            loop = self.loop
+            if config.proxy_protocol == "off":
+                self._factory = lambda: Session(self, loop)
+            else:
+                self._factory = lambda: HeaderReader(self)
+        if config.max_rate_per_source != old.max_rate_per_source:
+            # A new limit starts counting afresh (the old window was for another limit).
+            self.rate_limiter = (
+                RateLimiter(config.max_rate_per_source) if config.max_rate_per_source else None
+            )
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; live sessions go on. New clients get ECONNREFUSED."""
@@ -281,17 +325,20 @@ class Listener:
                     raise  # the client went away
                 if hasattr(task, "uncancel"):
                     task.uncancel()
-                self._report(server, False, "timeout")
+                self._report(pool, server, False, "timeout")
             except OSError as exc:
                 if exc.errno == errno.ETIMEDOUT:
-                    self._report(server, False, "timeout")
+                    self._report(pool, server, False, "timeout")
                 else:
                     all_timeouts = False
                     self._report(
-                        server, False, "refused" if exc.errno == errno.ECONNREFUSED else "other"
+                        pool,
+                        server,
+                        False,
+                        "refused" if exc.errno == errno.ECONNREFUSED else "other",
                     )
             else:
-                self._report(server, True)
+                self._report(pool, server, True)
                 if session.finished or session.up_state == CLOSED:
                     protocol.discard()  # the client left while we connected
                     return
@@ -328,12 +375,13 @@ class Listener:
         except ValueError:  # no usable address (a socket without peername): say "unknown"
             return encode(version, None, None)
 
-    def _report(self, server: Server, ok: bool, kind: str = "") -> None:
-        """Passive health: tell the pool how a real connect attempt went (``kind`` of a
-        failure: "refused", "timeout", "other")."""
-        events = self.pool.connect_result(server, ok, self.loop.time(), kind)
+    def _report(self, pool: Pool, server: Server, ok: bool, kind: str = "") -> None:
+        """Passive health: tell the server's pool how a real connect attempt went (``kind``
+        of a failure: "refused", "timeout", "other"). The pool is the one the attempt started
+        with: a reload may have pointed the listener elsewhere since."""
+        events = pool.connect_result(server, ok, self.loop.time(), kind)
         if events and self.on_events is not None:
-            self.on_events(self.pool, events)
+            self.on_events(pool, events)
 
     def sessions_of(self, server: Server) -> list[Session]:
         return [session for session in self.sessions if session.server is server]

@@ -191,6 +191,11 @@ class Pool:
         # Events of the initial membership, for the runtime to log once it runs.
         self.initial_events = self.set_servers(servers, now)
 
+    @staticmethod
+    def make_balancer(config: PoolConfig) -> Balancer:
+        """The balancer ``config.balance`` names (``BalancerError`` if it cannot be made)."""
+        return create_balancer(config.balance)
+
     @classmethod
     def from_config(cls, config: PoolConfig, *, now: float = 0.0) -> Pool:
         """The pool with its fixed-IP servers; servers named by DNS join through

@@ -203,12 +203,23 @@ class Backends:
 class Lbtcp:
     """``lbtcp serve CONFIG`` as a subprocess, with its stderr collected line by line."""
 
-    def __init__(self, config_text: str, tmp_path: Path, *, wait: bool = True) -> None:
+    def __init__(
+        self,
+        config_text: str,
+        tmp_path: Path,
+        *,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+        python: str = sys.executable,
+    ) -> None:
+        """``env`` is added to the environment; ``prefix`` goes before the interpreter (e.g.
+        systemd-socket-activate and its options); ``python`` runs ``-m lbtcp``."""
         self.config_path = tmp_path / "lbtcp.toml"
         self.config_path.write_text(config_text)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lbtcp", "serve", str(self.config_path)],
+            [*prefix, python, "-m", "lbtcp", "serve", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -260,6 +271,17 @@ class Lbtcp:
         match = re.search(r'address(?:=|": ")\[?([0-9a-f.:]+?)\]?:(\d+)', line)
         assert match, line
         return match.group(1), int(match.group(2))
+
+    def reload(self, config_text: str, timeout: float = 15.0) -> str:
+        """Write a new config file, send SIGHUP, and return the reload's outcome line
+        (``reload`` or ``reload_failed``)."""
+        with self._cond:
+            start = len(self.lines)
+        self.config_path.write_text(config_text)
+        self.signal(signal.SIGHUP)
+        return self.wait_line(
+            r' reload(_failed)? msg=|"kind": "reload(_failed)?"', timeout, start=start
+        )
 
     def rss_bytes(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()

@@ -221,7 +221,8 @@ def raw(address: tuple[str, int], data: bytes, *, half_close: bool = True) -> by
         ("GET", "/pools/app/servers/a/enable", 405),
         ("POST", "/pools/app/servers/a/explode", 404),
         ("POST", "/pools//servers/a/drain", 404),
-        ("POST", "/reload", 404),
+        ("POST", "/reload", "reload"),
+        ("GET", "/reload", 405),
         ("GET", "/status/", 404),
         ("GET", "/nope", 404),
     ],
@@ -242,10 +243,10 @@ def test_match_decodes_each_name_on_its_own() -> None:
     assert route.params == ("a/b", "127.0.0.1:9000", "disable")
 
 
-def test_reload_answers_404_saying_it_is_not_built() -> None:
-    result = match("POST", "/reload")
-    assert isinstance(result, Response)
-    assert json.loads(result.body) == {"error": "reload is not built yet"}
+def test_reload_is_a_write_that_needs_the_token() -> None:
+    route = match("POST", "/reload")
+    assert isinstance(route, Route)
+    assert route.is_write
 
 
 def _auth(token: str, auth_reads: bool, header: bytes | None, write: bool) -> int | None:
@@ -472,7 +473,6 @@ def test_404_names_the_unknown_pool_or_server(live: Live) -> None:
     assert_error(
         post(live.admin, "/pools/app/servers/zz/drain"), 404, "pool 'app' has no server named 'zz'"
     )
-    assert_error(post(live.admin, "/reload"), 404, "reload is not built yet")
 
 
 def test_405_has_allow(live: Live) -> None:

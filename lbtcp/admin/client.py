@@ -213,6 +213,14 @@ class AdminClient:
         """``POST .../weight`` with ``{"weight": N}``."""
         return self._request("POST", self._server_path(pool, server, "weight"), {"weight": weight})
 
+    def reload(self) -> dict[str, Any]:
+        """``POST /reload``: the result document (``ok``, ``summary``, ``errors``, ...). A 400
+        (the new config is invalid) is a result too, not an ``AdminError``."""
+        document = self._request("POST", "/reload", {}, results=(400,))
+        if not isinstance(document, dict) or "ok" not in document:
+            raise AdminError(f"{self._where()}: POST /reload did not answer a reload result")
+        return document
+
     # -- plumbing -----------------------------------------------------------------------------
 
     @staticmethod
@@ -224,7 +232,11 @@ class AdminClient:
     def _where(self) -> str:
         return f"the admin API at {self.endpoint}"
 
-    def _request(self, method: str, path: str, body: Any = None) -> Any:
+    def _request(
+        self, method: str, path: str, body: Any = None, results: tuple[int, ...] = ()
+    ) -> Any:
+        """The JSON answer; AdminError for an HTTP error, unless its status is in
+        ``results`` (an answer that carries a result, such as /reload's 400)."""
         payload = b"" if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json", "Host": str(self.endpoint)}
         if body is not None:
@@ -239,7 +251,7 @@ class AdminClient:
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise AdminError(f"cannot reach {self._where()}: {self._describe(exc)}") from None
-        if status >= 400:
+        if status >= 400 and status not in results:
             raise self._http_error(method, path, status, reason, data)
         if not data:
             return None

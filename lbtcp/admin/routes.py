@@ -14,6 +14,7 @@ topology from the 404s.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
@@ -63,6 +64,11 @@ class Response:
     close: bool = False  # answer with "Connection: close" and end the connection
 
 
+# What a handler gives the server: a response now, or one later (POST /reload awaits the
+# runtime's reload; the connection answers when the future is done).
+Answer = Response | asyncio.Future[Response]
+
+
 def json_response(status: int, document: object) -> Response:
     return Response(status, json.dumps(document, allow_nan=False).encode() + b"\n")
 
@@ -89,6 +95,7 @@ class Endpoint(str, Enum):
     METRICS = "metrics"
     HEALTHZ = "healthz"
     SERVER_ACTION = "server_action"
+    RELOAD = "reload"
 
 
 SERVER_ACTIONS = ("drain", "enable", "disable", "weight")
@@ -110,7 +117,7 @@ class Route:
 
     @property
     def is_write(self) -> bool:
-        return self.endpoint is Endpoint.SERVER_ACTION
+        return self.endpoint is Endpoint.SERVER_ACTION or self.endpoint is Endpoint.RELOAD
 
 
 def split_target(target: str) -> str | None:
@@ -145,7 +152,9 @@ def match(method: str, path: str) -> Route | Response:
             return error(405, f"{shown} is not allowed on {_echo(path)}", (("Allow", POST_ALLOW),))
         return Route(Endpoint.SERVER_ACTION, (pool, server, action))
     if path == "/reload":
-        return error(404, "reload is not built yet")
+        if method != "POST":
+            return error(405, f"{method} is not allowed on /reload", (("Allow", POST_ALLOW),))
+        return Route(Endpoint.RELOAD)
     return error(404, f"no such path {_echo(path)}")
 
 
@@ -236,8 +245,9 @@ class Router:
         self.on_error = on_error
         self._page = page
 
-    def handle(self, request: Request) -> Response:
-        """The response to ``request``. Never raises: a handler's bug is a 500 (and logged)."""
+    def handle(self, request: Request) -> Answer:
+        """The response to ``request``, or for ``POST /reload`` a future of it (the server
+        answers when it is done). Never raises: a handler's bug is a 500 (and logged)."""
         path = split_target(request.target)
         if path is None:
             return error(400, "the request target must be a path such as /status")
@@ -254,8 +264,10 @@ class Router:
                 self.on_error(f"{request.method} {path}", exc)
             return error(500, f"internal error: {type(exc).__name__}")
 
-    def _dispatch(self, request: Request, route: Route) -> Response:
+    def _dispatch(self, request: Request, route: Route) -> Answer:
         endpoint = route.endpoint
+        if endpoint is Endpoint.RELOAD:
+            return asyncio.ensure_future(self._reload())
         if endpoint is Endpoint.HEALTHZ:
             if self.runtime.draining:
                 return Response(503, b"draining\n", TEXT)
@@ -272,6 +284,24 @@ class Router:
                 return error(404, "the status page is not installed (lbtcp/admin/page.html)")
             return Response(200, page, HTML)
         return self._server_action(request, *route.params)
+
+    async def _reload(self) -> Response:
+        """``POST /reload``: as SIGHUP. 200 with what changed, or 400 with every error (the
+        running configuration is then untouched)."""
+        try:
+            result = await self.runtime.reload()
+        except Exception as exc:  # Runtime.reload never raises; a bug is still only a 500
+            if self.on_error is not None:
+                self.on_error("POST /reload", exc)
+            return error(500, f"internal error: {type(exc).__name__}")
+        document = result.to_dict()
+        if result.ok:
+            return json_response(200, document)
+        count = len(result.errors)
+        document["error"] = (
+            f"the new config was not applied: {count} error(s); the running one is unchanged"
+        )
+        return json_response(400, document)
 
     def _server_action(self, request: Request, pool_name: str, name: str, action: str) -> Response:
         pool = self.runtime.pools.get(pool_name)

@@ -42,7 +42,7 @@ import h11
 
 from lbtcp import __version__
 from lbtcp.addresses import format_address
-from lbtcp.admin.routes import Request, Response, error
+from lbtcp.admin.routes import Answer, Request, Response, error
 from lbtcp.listener import bind_socket
 from lbtcp.log import Log
 
@@ -263,7 +263,30 @@ class AdminConnection(asyncio.Protocol):
         )
         self._head = None
         self._body = bytearray()
-        response = self.server.handler(request)
+        answer = self.server.handler(request)
+        if isinstance(answer, Response):
+            self._complete(request, answer)
+        else:
+            # Answered later (POST /reload). h11 holds any pipelined request back (PAUSED)
+            # until this one is answered.
+            answer.add_done_callback(lambda done: self._deferred(request, done))
+
+    def _deferred(self, request: Request, done: asyncio.Future[Response]) -> None:
+        """Called by the loop when a deferred answer is ready (the client may be gone)."""
+        if self.state is not OPEN:
+            return
+        try:
+            response = done.result()
+        except asyncio.CancelledError:  # lbtcp is stopping
+            response = error(503, "lbtcp is stopping", close=True)
+        except Exception as exc:  # the router catches its own; still an answer, never a hang
+            response = error(500, f"internal error: {type(exc).__name__}")
+        try:
+            self._complete(request, response)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _complete(self, request: Request, response: Response) -> None:
         self._respond(response, head_only=request.method == "HEAD")
         self._served += 1
         if self.state is not OPEN:
@@ -402,7 +425,7 @@ class AdminServer:
     def __init__(
         self,
         address: str,
-        handler: Callable[[Request], Response],
+        handler: Callable[[Request], Answer],
         log: Log,
         loop: asyncio.AbstractEventLoop,
         max_connections: int = MAX_CONNECTIONS,
