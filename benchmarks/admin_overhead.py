@@ -19,7 +19,7 @@ ratios, the per-repeat ratios' spread (the noise floor), and the scrape times se
 Then the scrape time of a 1,000-server pool (a third lbtcp, no load): 30 GETs of /metrics,
 and benchmarks/metrics_render.py's in-process render figure when that script exists.
 
-The run is bounded: no new bench run starts once ``--budget`` seconds (170 by default) have
+The run is bounded: no new bench run starts once ``--budget`` seconds (150 by default) have
 passed, so the whole script stays within 3 minutes; the report says how many repeats ran.
 """
 
@@ -216,7 +216,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="pairs per scenario [7]")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per run [3]")
     parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds [1]")
-    parser.add_argument("--budget", type=float, default=170.0, help="no new run after [170] s")
+    parser.add_argument("--budget", type=float, default=150.0, help="no new run after [150] s")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
     parser.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help="comma list of rr,connect [both]"

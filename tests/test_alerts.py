@@ -14,6 +14,7 @@ import copy
 import math
 import re
 import shutil
+import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -571,6 +572,58 @@ address = "missing.{DNS_DOMAIN}:80"
     )
 
 
+def test_the_reload_rule_fires_on_a_real_lbtcps_failed_reload(
+    start_lbtcp: Callable[..., Lbtcp], tmp_path: Path
+) -> None:
+    """A live ``lbtcp serve`` reloaded (SIGHUP) with a config that has an unknown key:
+    LbtcpReloadFailed fires, and nothing else; reloaded again with the key gone, it clears."""
+    text = """\
+[admin]
+listen = "127.0.0.1:0"
+[listeners.web]
+bind = "127.0.0.1:0"
+pool = "app"
+[pools.app]
+[[pools.app.servers]]
+address = "127.0.0.1:9"
+"""
+    proc = start_lbtcp(text)
+    admin = admin_address(proc)
+    good = scrape(admin)
+    assert value(good, "lbtcp_config_last_reload_successful") == 1
+
+    def reload(config: str, successful: int, count: int) -> Samples:
+        """Write ``config``, SIGHUP, and wait for the ``count``-th reload to be counted."""
+        proc.config_path.write_text(config, encoding="utf-8")
+        proc.signal(signal.SIGHUP)
+
+        def counted() -> bool:
+            now = scrape(admin)
+            done = value(now, "lbtcp_config_reloads_total", result="failure") + value(
+                now, "lbtcp_config_reloads_total", result="success"
+            )
+            return done >= count
+
+        wait_until(counted, what=f"reload {count} counted")
+        now = scrape(admin)
+        assert value(now, "lbtcp_config_last_reload_successful") == successful
+        return now
+
+    failed = reload(text + "bogus = 1\n", successful=0, count=1)
+    fixed = reload(text, successful=1, count=2)
+    assert_alerts_on_replay(
+        tmp_path / "failed",
+        good,
+        failed,
+        step_at=2,
+        eval_time="1m",
+        expected=[alert("LbtcpReloadFailed", "warning")],
+    )
+    assert_alerts_on_replay(
+        tmp_path / "fixed", failed, fixed, step_at=2, eval_time="1m", expected=[]
+    )
+
+
 def rule_metrics() -> set[str]:
     """The lbtcp metric names the rules read."""
     names: set[str] = set().union(*(metric_names(rule["expr"]) for rule in load_rules()))
@@ -629,6 +682,7 @@ def assert_alerts_on_replay(
             }
         ],
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "live_test.yml"
     path.write_text(yaml.safe_dump(unit, sort_keys=False), encoding="utf-8")
     result = run_promtool("test", "rules", str(path))
