@@ -62,6 +62,44 @@ def check(config: str) -> None:
     )
 
 
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option(
+    "--admin",
+    metavar="HOST:PORT",
+    callback=lambda ctx, param, value: _endpoint(ctx, param, value),
+    help="Add the live view of the lbtcp running there (default: the config's [admin] listen).",
+)
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    help="The admin token (default: $LBTCP_ADMIN_TOKEN, else the config's [admin] token).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(config: str, admin: Endpoint | None, token: str | None, as_json: bool) -> None:
+    """Say why a pool of CONFIG would refuse clients ("no healthy upstream"): exit 0 when
+    every pool serves, 1 otherwise, 2 on a bad config."""
+    import asyncio
+
+    from lbtcp.admin.client import AdminError, choose_target
+    from lbtcp.doctor import render_text, run_doctor, to_json
+
+    parsed = _load_or_exit(config)
+    target: tuple[Endpoint, str] | None = None
+    problem = ""
+    if admin is not None or parsed.admin is not None:
+        try:
+            target = choose_target(admin, parsed.admin, token, os.environ)
+        except AdminError as exc:
+            problem = str(exc)
+    report = asyncio.run(run_doctor(parsed, target, problem))
+    if as_json:
+        click.echo(json.dumps(to_json(report), indent=2))
+    else:
+        click.echo(render_text(report), nl=False)
+    sys.exit(report.exit_code)
+
+
 def _fail(message: str) -> NoReturn:
     """One line on stderr and exit 1: what an admin command prints instead of a traceback."""
     click.echo(f"lbtcp: {message}", err=True)
