@@ -539,12 +539,12 @@ class _Dns:
         self.lookups: dict[tuple[str, RecordType], asyncio.Task[_Lookup]] = {}
         self.asked: list[_Asked] = []
 
-    def open(self) -> None:
+    async def open(self) -> None:
         servers = self.config.nameservers
         if not servers:  # /etc/resolv.conf, as lbtcp serve would use it
-            probe = AioDnsResolver(self.config, loop=self.loop)
-            servers = probe.nameservers
-            self.loop.create_task(probe.close())
+            system = AioDnsResolver(self.config, loop=self.loop)
+            servers = system.nameservers
+            await system.close()
         for server in servers:
             single = dataclasses.replace(self.config, nameservers=(server,))
             self.resolvers[server] = AioDnsResolver(single, loop=self.loop)
@@ -843,10 +843,12 @@ def _verdict(
     if not servers:
         because.append("the pool has no servers")
     sentence = "would refuse: no healthy upstream, because " + "; ".join(because)
-    if pool.health is None and any(t.usable is False for t in targets):
+    tried = [t.name for t in targets if t.weight > 0 and t.name not in unusable_live]
+    if pool.health is None and tried:
         sentence += (
-            " (the pool has no [health] table, so lbtcp still tries these servers: clients "
-            "are closed after failed connects, CR or CT in the access log)"
+            f" (without a [health] table lbtcp does not know this: it still sends clients to "
+            f"{', '.join(tried)}, and closes them when the connect fails: CR or CT in the "
+            "access log)"
         )
     return False, sentence, tuple(because)
 
@@ -903,6 +905,18 @@ def compare_live(
                 )
             )
             continue
+        limit, active = entry.get("max_connections"), entry.get("active")
+        if isinstance(limit, int) and isinstance(active, int) and 0 < limit <= active:
+            unusable[name] = f"full in the running lbtcp ({active} of max_connections {limit})"
+            findings.append(
+                Finding(
+                    "live",
+                    "warn",
+                    f"{name}: full: {active} sessions, max_connections "
+                    f"{limit}: no new sessions until one ends",
+                    data=data,
+                )
+            )
         if entry.get("weight") == 0 and target.weight != 0:
             unusable[name] = "weight set to 0 at runtime in the running lbtcp"
             findings.append(
@@ -1073,7 +1087,7 @@ async def run_doctor(
     started = time.monotonic()
     run = _Run(config, loop, started + bound + SLACK)
     if any(s.is_dynamic for p in config.pools.values() for s in p.servers):
-        run.dns.open()
+        await run.dns.open()
     listeners = list(config.listeners.values())
     jobs: dict[tuple[str, int], asyncio.Task[ServerReport]] = {
         (name, index): loop.create_task(run.server(pool, index))

@@ -386,3 +386,69 @@ def test_weight_findings_property(weights: list[int], backups: list[bool]) -> No
     primaries = [w for w, b in zip(weights, backups, strict=False) if not b]
     dominant = len(primaries) >= 3 and sum(primaries) > 0 and max(primaries) > 0.8 * sum(primaries)
     assert ("dominant_weight" in found) == dominant
+
+
+class SlowPong(Pong):
+    """Answers ``reply`` only after ``delay`` seconds: a server under load."""
+
+    def __init__(self, reply: bytes, delay: float) -> None:
+        super().__init__(reply)
+        self.delay = delay
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.delay, lambda: self._answer())
+
+    def _answer(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self.reply)
+
+
+def test_srv_servers_and_a_load_hint(
+    backends: Backends, dns_servers: DnsFactory, tmp_path: Path
+) -> None:
+    slow = backends.start(lambda box: SlowPong(b"+PONG\r\n", 0.7))
+    refusing = closed_port()
+    dns = dns_servers(
+        hosts={"app.test": ["127.0.0.1"], "spare.test": ["127.0.0.2"]},
+        srv_hosts=[
+            f"_app._tcp.svc.test,app.test,{slow},10,5",
+            f"_app._tcp.svc.test,spare.test,{refusing},20,1",
+        ],
+    )
+    path = tmp_path / "srv.toml"
+    path.write_text(
+        f'[resolver]\nnameservers = ["{dns.nameserver}"]\ntimeout = "1s"\nfamily = "ipv4"\n'
+        '[listeners.web]\nbind = "127.0.0.1:0"\npool = "svc"\n'
+        '[pools.svc]\nconnect_timeout = "1s"\n'
+        '[pools.svc.health]\ntimeout = "1s"\nsend = "PING\\r\\n"\nexpect = "+PONG"\n'
+        '[[pools.svc.servers]]\nsrv = "_app._tcp.svc.test"\n'
+    )
+    code, out, err, wall = run_doctor(path)
+    assert code == 0, out + err
+    assert wall < 1.0 + 1.0 + START_MARGIN
+    assert f"SRV _app._tcp.svc.test: app.test:{slow} (priority 10, weight 5)" in out
+    assert f"spare.test:{refusing} (priority 20, weight 1)" in out
+    primary = server_line(out, f"app.test:{slow}#127.0.0.1", "svc")
+    assert "weight 256)" in primary and "would take clients" in primary
+    spare = server_line(out, f"spare.test:{refusing}#127.0.0.2", "svc")
+    assert "backup" in spare and "nothing listens there" in spare
+    # The probe passed, but slowly: the load hint says how close to the timeout it was.
+    hint = next(line for line in out.splitlines() if "load:" in line)
+    assert "of health.timeout (1 s)" in hint and "overloaded" in hint
+    assert "verdict: serves: 1 of 2 servers" in out
+
+
+def test_config_admin_with_port_0_is_one_line(backends: Backends, tmp_path: Path) -> None:
+    port = backends.echo()
+    path = tmp_path / "admin.toml"
+    path.write_text(
+        '[admin]\nlisten = "127.0.0.1:0"\n'
+        f'[listeners.web]\nbind = "127.0.0.1:0"\npool = "app"\n[pools.app]\n'
+        f'[[pools.app.servers]]\naddress = "127.0.0.1:{port}"\n'
+    )
+    code, out, err, _ = run_doctor(path)
+    assert code == 0, out + err
+    (line,) = [line for line in out.splitlines() if "admin:" in line]
+    assert "port 0" in line and "--admin" in line and "no live view" in line
