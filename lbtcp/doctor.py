@@ -710,11 +710,18 @@ class _Run:
         self.loop = loop
         self.deadline = deadline
         self.dns = _Dns(config.resolver, loop)
+        # Each address takes up to two sockets (connect and probe) at once: stay well inside
+        # the open-files limit however big the config is.
+        self.slots = asyncio.Semaphore(_parallel_limit())
 
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
 
     async def target(self, pool: PoolConfig, target: ResolvedTarget, name: str) -> TargetReport:
+        async with self.slots:
+            return await self._target(pool, target, name)
+
+    async def _target(self, pool: PoolConfig, target: ResolvedTarget, name: str) -> TargetReport:
         connect_task = check_connect(
             self.loop, target.host, target.port, pool.connect_timeout, self.left()
         )
@@ -798,14 +805,21 @@ class _Run:
         )
 
 
-def _server_cut_short(entry: str, kind: str) -> ServerReport:
-    return ServerReport(
-        entry,
-        kind,
-        (Finding("dns", "fail", "not finished: doctor's time limit was reached"),),
-        (),
-        "not checked in time: doctor's time limit was reached",
-    )
+def _parallel_limit() -> int:
+    """How many addresses to check at once, from the open-files limit."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not on Linux
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(8, min(1024, (soft - 64) // 2))
+
+
+def _server_unchecked(entry: str, kind: str, why: str) -> ServerReport:
+    return ServerReport(entry, kind, (Finding("check", "fail", why),), (), why)
 
 
 def _verdict(
@@ -1085,7 +1099,10 @@ async def run_doctor(
     loop = asyncio.get_running_loop()
     bound = time_bound(config)
     started = time.monotonic()
-    run = _Run(config, loop, started + bound + SLACK)
+    deadline = started + bound + SLACK
+    # The steps end a little before the run's deadline, so that a step cut short still
+    # reports what it saw rather than being cancelled with nothing said.
+    run = _Run(config, loop, deadline - SLACK / 2)
     if any(s.is_dynamic for p in config.pools.values() for s in p.servers):
         await run.dns.open()
     listeners = list(config.listeners.values())
@@ -1098,7 +1115,7 @@ async def run_doctor(
     pending = [*jobs.values(), live_task]
     try:
         if pending:
-            await asyncio.wait(pending, timeout=run.left())
+            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
     finally:
         for task in pending:
             task.cancel()
@@ -1120,11 +1137,16 @@ async def run_doctor(
         servers: list[ServerReport] = []
         for index, entry in enumerate(pool.servers):
             task = jobs[(name, index)]
-            if task.done() and not task.cancelled() and task.exception() is None:
-                servers.append(task.result())
+            kind = "srv" if entry.srv else ("name" if entry.is_dynamic else "ip")
+            if not task.done() or task.cancelled():
+                why = "not checked in time: doctor's time limit was reached"
+                servers.append(_server_unchecked(entry.display_name, kind, why))
+            elif (error := task.exception()) is not None:
+                # A bug in doctor must still leave a report, and say so.
+                why = f"doctor could not check it: {type(error).__name__}: {error}"
+                servers.append(_server_unchecked(entry.display_name, kind, why))
             else:
-                kind = "srv" if entry.srv else ("name" if entry.is_dynamic else "ip")
-                servers.append(_server_cut_short(entry.display_name, kind))
+                servers.append(task.result())
         live: list[Finding] = []
         unusable: dict[str, str] = {}
         if document is not None:

@@ -184,6 +184,10 @@ def test_each_server_names_its_cause_and_the_verdicts(world: dict[str, Any]) -> 
     named = server_line(out, f"app.test:{good}#127.0.0.1")
     assert "would take clients" in named
     assert f"A app.test: 127.0.0.1 (TTL 1 s) from {dns.nameserver}" in out
+    # Local servers answer in well under half of every timeout: no load hint.
+    assert "load:" not in out
+    # No config finding either: this config is sound, only its servers are not.
+    assert "config:" not in out
     # The dead nameserver is named once, at the top.
     assert f"FAIL  resolver: nameserver 127.0.0.1:{world['dead_dns']} failed" in out
 
