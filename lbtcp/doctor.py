@@ -822,6 +822,18 @@ def _server_unchecked(entry: str, kind: str, why: str) -> ServerReport:
     return ServerReport(entry, kind, (Finding("check", "fail", why),), (), why)
 
 
+def _with_live(server: ServerReport, unusable: Mapping[str, str]) -> ServerReport:
+    """The server with the running instance's reasons not to use an address that answered
+    doctor (drained, disabled, full, weight 0 at runtime) as that address's cause."""
+    targets = tuple(
+        dataclasses.replace(target, cause=f"{unusable[target.name]} (it answers doctor)")
+        if target.usable and target.name in unusable
+        else target
+        for target in server.targets
+    )
+    return dataclasses.replace(server, targets=targets)
+
+
 def _verdict(
     pool: PoolConfig, servers: Sequence[ServerReport], unusable_live: Mapping[str, str]
 ) -> tuple[bool, str, tuple[str, ...]]:
@@ -853,7 +865,7 @@ def _verdict(
         if not server.targets:
             because.append(f"{server.entry}: {server.cause}")
         for target in server.targets:
-            because.append(f"{target.name}: {unusable_live.get(target.name) or target.cause}")
+            because.append(f"{target.name}: {target.cause}")
     if not servers:
         because.append("the pool has no servers")
     sentence = "would refuse: no healthy upstream, because " + "; ".join(because)
@@ -942,7 +954,7 @@ def compare_live(
                     data=data,
                 )
             )
-        if target.usable and state in ("unhealthy", "ejected", "failing"):
+        if target.usable and state in ("unhealthy", "ejected"):
             findings.append(
                 Finding(
                     "live",
@@ -950,6 +962,16 @@ def compare_live(
                     f"{name}: the running lbtcp has it {state}{why}, but it answered doctor "
                     "just now: it comes back after its next successful probes (or when the "
                     "ejection ends)",
+                    data=data,
+                )
+            )
+        elif target.usable and state == "failing":
+            findings.append(
+                Finding(
+                    "live",
+                    "note",
+                    f"{name}: failing in the running lbtcp (recent probe failures{why}), but it "
+                    "answered doctor just now; it still takes clients there",
                     data=data,
                 )
             )
@@ -963,12 +985,12 @@ def compare_live(
                     data=data,
                 )
             )
-        elif not target.usable and state == "healthy":
+        elif not target.usable and state in ("healthy", "failing"):
             findings.append(
                 Finding(
                     "live",
                     "warn",
-                    f"{name}: the running lbtcp still has it healthy{why}, but doctor just "
+                    f"{name}: the running lbtcp still has it {state}{why}, but doctor just "
                     f"found: {target.cause}. Clients sent to it now fail until its probes "
                     "(or passive ejection) take it out",
                     data=data,
@@ -976,7 +998,9 @@ def compare_live(
             )
         elif not target.usable:
             findings.append(
-                Finding("live", "ok", f"{name}: {state} in the running lbtcp too{why}", data=data)
+                Finding(
+                    "live", "ok", f"{name}: {state} in the running lbtcp: it agrees{why}", data=data
+                )
             )
         else:
             findings.append(
@@ -1152,6 +1176,7 @@ async def run_doctor(
         if document is not None:
             live, unusable = compare_live(servers, live_pools.get(name), name)
             live += _live_listeners(document, name)
+            servers = [_with_live(server, unusable) for server in servers]
         serves, sentence, because = _verdict(pool, servers, unusable)
         if document is not None and name in live_pools:
             live_verdict = live_pools[name].get("verdict")
