@@ -884,10 +884,26 @@ def _verdict(
 # --------------------------------------------------------------------------------------------
 
 
+def _items(value: object) -> list[Mapping[str, Any]]:
+    """The objects of a JSON list from the admin API; anything else there is ignored (the
+    document comes over the network: doctor must not trip over a wrong one)."""
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, Mapping)]
+
+
+def _text(value: object) -> str:
+    """A value of the admin API's document as printable text (no terminal escapes)."""
+    from lbtcp.admin.client import printable
+
+    return printable(str(value))[:200]
+
+
 def _live_server_words(entry: Mapping[str, Any]) -> str:
     change = entry.get("last_change")
     if isinstance(change, Mapping) and change.get("reason"):
-        return f" (last change {change.get('from')} -> {change.get('to')}: {change.get('reason')})"
+        old, new, reason = (_text(change.get(k)) for k in ("from", "to", "reason"))
+        return f" (last change {old} -> {new}: {reason})"
     return ""
 
 
@@ -907,7 +923,7 @@ def compare_live(
         ], {}
     findings: list[Finding] = []
     unusable: dict[str, str] = {}
-    live = {str(s.get("name")): s for s in pool_doc.get("servers") or () if isinstance(s, Mapping)}
+    live = {_text(s.get("name")): s for s in _items(pool_doc.get("servers"))}
     measured = {t.name: t for s in report_servers for t in s.targets}
     for name, target in measured.items():
         entry = live.get(name)
@@ -916,8 +932,8 @@ def compare_live(
                 Finding("live", "note", f"{name}: not in the running lbtcp (reload pending?)")
             )
             continue
-        state = str(entry.get("state"))
-        admin = str(entry.get("admin", "enabled"))
+        state = _text(entry.get("state"))
+        admin = _text(entry.get("admin", "enabled"))
         why = _live_server_words(entry)
         data = {"server": name, "state": state, "admin": admin}
         if admin != "enabled":
@@ -1083,7 +1099,7 @@ async def _live_view(
     except AdminError as exc:
         return None, [Finding("admin", "warn", f"{exc}: no live view", time.monotonic() - started)]
     took = time.monotonic() - started
-    pid = document.get("pid")
+    pid = _text(document.get("pid"))
     return document, [
         Finding(
             "admin",
@@ -1097,8 +1113,8 @@ async def _live_view(
 
 def _live_listeners(document: Mapping[str, Any], pool: str) -> list[Finding]:
     findings = []
-    for listener in document.get("listeners") or ():
-        if not isinstance(listener, Mapping) or listener.get("pool") != pool:
+    for listener in _items(document.get("listeners")):
+        if listener.get("pool") != pool:
             continue
         refused = listener.get("refused")
         count = refused.get("no_healthy", 0) if isinstance(refused, Mapping) else 0
@@ -1107,9 +1123,9 @@ def _live_listeners(document: Mapping[str, Any], pool: str) -> list[Finding]:
                 Finding(
                     "live",
                     "warn",
-                    f"listener {listener.get('name')} has refused {count} clients as 'no healthy "
-                    "upstream' since it started",
-                    data={"listener": listener.get("name"), "no_healthy": count},
+                    f"listener {_text(listener.get('name'))} has refused {count} clients as "
+                    "'no healthy upstream' since it started",
+                    data={"listener": _text(listener.get("name")), "no_healthy": count},
                 )
             )
     return findings
@@ -1153,9 +1169,7 @@ async def run_doctor(
         admin_findings = [Finding("admin", "warn", f"{admin_problem}: no live view")]
     live_pools: dict[str, Mapping[str, Any]] = {}
     if document is not None:
-        live_pools = {
-            str(p.get("name")): p for p in document.get("pools") or () if isinstance(p, Mapping)
-        }
+        live_pools = {_text(p.get("name")): p for p in _items(document.get("pools"))}
     pools: list[PoolReport] = []
     for name, pool in config.pools.items():
         servers: list[ServerReport] = []
@@ -1179,7 +1193,7 @@ async def run_doctor(
             servers = [_with_live(server, unusable) for server in servers]
         serves, sentence, because = _verdict(pool, servers, unusable)
         if document is not None and name in live_pools:
-            live_verdict = live_pools[name].get("verdict")
+            live_verdict = _text(live_pools[name].get("verdict"))
             if serves and live_verdict == "empty":
                 live.append(
                     Finding(
@@ -1191,7 +1205,7 @@ async def run_doctor(
                         data={"verdict": live_verdict},
                     )
                 )
-            elif not serves and live_verdict not in (None, "empty"):
+            elif not serves and live_verdict in ("ok", "degraded", "panic", "backup"):
                 live.append(
                     Finding(
                         "live",

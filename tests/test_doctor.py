@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lbtcp.config import ListenerConfig, PoolConfig, ServerConfig, load_config
-from lbtcp.doctor import check_pool_config, time_bound
+from lbtcp.doctor import ServerReport, TargetReport, check_pool_config, time_bound
 from tests.dns_server import Dnsmasq, free_port
 from tests.support import Backends, Lbtcp, blackhole, closed_port, wait_until
 from tests.test_admin_server import admin_address, post
@@ -475,3 +475,81 @@ def test_config_admin_with_port_0_is_one_line(backends: Backends, tmp_path: Path
     assert code == 0, out + err
     (line,) = [line for line in out.splitlines() if "admin:" in line]
     assert "port 0" in line and "--admin" in line and "no live view" in line
+
+
+# --- pure pieces of the report: the verdict and the live comparison -----------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+status_servers = st.lists(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "name": st.sampled_from(["a", "b", "c"]) | json_values,
+            "state": st.sampled_from(["healthy", "failing", "unhealthy", "rising"]) | json_values,
+            "admin": st.sampled_from(["enabled", "draining", "disabled"]) | json_values,
+            "weight": st.integers(0, 256) | json_values,
+            "active": json_values,
+            "max_connections": json_values,
+            "last_change": json_values,
+        },
+    ),
+    max_size=4,
+)
+
+
+def targets_strategy() -> st.SearchStrategy[list[TargetReport]]:
+    return st.lists(
+        st.builds(
+            TargetReport,
+            name=st.sampled_from(["a", "b", "c", "d"]),
+            address=st.just("127.0.0.1:1"),
+            weight=st.integers(0, 3),
+            backup=st.booleans(),
+            checks=st.just(()),
+            cause=st.sampled_from(["", "connection refused: nothing listens there"]),
+        ),
+        max_size=5,
+        unique_by=lambda t: t.name,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(targets=targets_strategy(), document=json_values | status_servers)
+def test_live_comparison_never_trips_over_a_document(
+    targets: list[TargetReport], document: Any
+) -> None:
+    """Whatever the admin API sends, the comparison gives findings, never an exception, and
+    only takes out servers the document says an operator (or a limit) took out."""
+    from lbtcp.doctor import _live_listeners, compare_live
+
+    report = [ServerReport("x", "ip", (), tuple(targets))]
+    pool_doc = {"name": "p", "servers": document} if isinstance(document, list) else document
+    if not isinstance(pool_doc, dict):
+        pool_doc = {"servers": pool_doc}
+    findings, unusable = compare_live(report, pool_doc, "p")
+    assert all(f.level in ("ok", "note", "warn", "fail") for f in findings)
+    assert set(unusable) <= {t.name for t in targets}
+    _live_listeners({"listeners": document}, "p")
+
+
+@settings(max_examples=300, deadline=None)
+@given(targets=targets_strategy())
+def test_verdict_serves_exactly_when_some_server_would_take_a_client(
+    targets: list[TargetReport],
+) -> None:
+    from lbtcp.doctor import _verdict
+
+    servers_ = [ServerReport(t.name, "ip", (), (t,)) for t in targets]
+    serves, sentence, because = _verdict(PoolConfig("p", ()), servers_, {})
+    assert serves == any(t.usable for t in targets)
+    if serves:
+        assert sentence.startswith("serves") and because == ()
+    else:
+        assert sentence.startswith("would refuse: no healthy upstream, because ")
+        assert len(because) == max(1, len(targets))
+        for target in targets:
+            assert f"{target.name}: {target.cause}" in sentence
