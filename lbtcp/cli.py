@@ -62,12 +62,27 @@ def check(config: str) -> None:
     )
 
 
+def _fail(message: str) -> NoReturn:
+    """One line on stderr and exit 1: what an admin command prints instead of a traceback."""
+    click.echo(f"lbtcp: {message}", err=True)
+    sys.exit(EXIT_FAILURE)
+
+
+def _endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> Endpoint | None:
+    if value is None:
+        return None
+    try:
+        return parse_endpoint(value)
+    except AddressError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option(
     "--admin",
     metavar="HOST:PORT",
-    callback=lambda ctx, param, value: _endpoint(ctx, param, value),
+    callback=_endpoint,
     help="Add the live view of the lbtcp running there (default: the config's [admin] listen).",
 )
 @click.option(
@@ -98,21 +113,6 @@ def doctor(config: str, admin: Endpoint | None, token: str | None, as_json: bool
     else:
         click.echo(render_text(report), nl=False)
     sys.exit(report.exit_code)
-
-
-def _fail(message: str) -> NoReturn:
-    """One line on stderr and exit 1: what an admin command prints instead of a traceback."""
-    click.echo(f"lbtcp: {message}", err=True)
-    sys.exit(EXIT_FAILURE)
-
-
-def _endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> Endpoint | None:
-    if value is None:
-        return None
-    try:
-        return parse_endpoint(value)
-    except AddressError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def _admin_options(command: F) -> F:
