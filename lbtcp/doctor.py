@@ -569,6 +569,8 @@ class _Dns:
             answer = await self.resolvers[server].query(name, rtype)
         except ResolveError as exc:
             asked = _Asked(server, None, exc.kind, exc.message, time.monotonic() - started)
+        except (OSError, RuntimeError, ValueError) as exc:  # c-ares refusing the query itself
+            asked = _Asked(server, None, "error", str(exc), time.monotonic() - started)
         else:
             asked = _Asked(server, answer, "", "", time.monotonic() - started)
         self.asked.append(asked)

@@ -272,6 +272,22 @@ def test_admin_unreachable_is_one_line(backends: Backends, tmp_path: Path) -> No
     assert "no live view" in admin_lines[0]
 
 
+def test_a_hung_admin_api_does_not_hold_the_run(backends: Backends, tmp_path: Path) -> None:
+    port = backends.echo()
+    path = tmp_path / "ok.toml"
+    path.write_text(
+        f'[listeners.web]\nbind = "127.0.0.1:0"\npool = "app"\n[pools.app]\n'
+        f'[[pools.app.servers]]\naddress = "127.0.0.1:{port}"\n'
+    )
+    bound = time_bound(load_config(path))  # connect_timeout's default, 2 s
+    with blackhole() as hung:
+        code, out, err, wall = run_doctor(path, "--admin", f"127.0.0.1:{hung}")
+    assert code == 0, out + err
+    assert wall < bound + 1.0 + START_MARGIN, wall
+    (line,) = [line for line in out.splitlines() if "admin:" in line]
+    assert f"127.0.0.1:{hung}" in line and "no live view" in line
+
+
 def test_live_view_disagreements(
     backends: Backends, start_lbtcp: StartLbtcp, tmp_path: Path
 ) -> None:
