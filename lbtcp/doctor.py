@@ -12,8 +12,9 @@ hand with dig, nc and a look at the weights, and reports in plain words:
 - *the network*: one TCP connect per address, bounded by the pool's ``connect_timeout``,
   classified as refused (nothing listens), timed out (a firewall or an overloaded server drops
   the SYN) or unreachable (no route);
-- *the probe* as the pool configures it (``probes.probe_once``: send/expect), bounded by
-  ``health.timeout``, beside the connect (both start at once: neither waits for the other);
+- *the probe* as the pool configures it (``probes.probe_once``: send/expect, the PROXY
+  header with ``send_proxy``), bounded by ``health.timeout``, beside the connect (both start
+  at once: neither waits for the other);
 - *load hints*: a connect or probe that took more than half of its timeout;
 - with the admin API, *the live view*: the running instance's states and the reasons of their
   last changes, and where they disagree with what was just measured.
@@ -51,6 +52,7 @@ from lbtcp.config import Config, HealthConfig, ListenerConfig, PoolConfig, Resol
 from lbtcp.discovery import _server_from_target
 from lbtcp.health import ProbeResult
 from lbtcp.probes import probe_once
+from lbtcp.proxy_protocol import encode
 from lbtcp.relay import reset_transport
 from lbtcp.resolution import (
     AioDnsResolver,
@@ -76,6 +78,7 @@ __all__ = [
     "check_probe",
     "compare_live",
     "load_hints",
+    "probe_preface",
     "render_text",
     "run_doctor",
     "time_bound",
@@ -444,22 +447,40 @@ def _probe_words(result: ProbeResult, detail: str, health: HealthConfig) -> str:
     return f"probe failed: {detail}"
 
 
+def probe_preface(pool: PoolConfig) -> bytes:
+    """The PROXY header the pool's probes send first (``health.send_proxy``), as
+    ``probes.Prober`` builds it: one that names no client (v2 LOCAL, v1 UNKNOWN)."""
+    health = pool.health
+    if health is None or not health.send_proxy or pool.proxy_protocol == "off":
+        return b""
+    return encode(pool.proxy_protocol, None, None)
+
+
 async def check_probe(
-    loop: asyncio.AbstractEventLoop, host: str, port: int, health: HealthConfig, budget: float
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    health: HealthConfig,
+    budget: float,
+    preface: bytes = b"",
 ) -> Finding:
-    """The pool's probe as configured (``probes.probe_once``), within what the run has left."""
+    """The pool's probe as configured (``probes.probe_once``; ``preface`` is its PROXY header,
+    see ``probe_preface``), within what the run has left."""
     bounded = health
     if budget < health.timeout:
         bounded = dataclasses.replace(health, timeout=max(0.001, budget))
     started = time.monotonic()
-    result, detail = await probe_once(loop, host, port, bounded)
+    result, detail = await probe_once(loop, host, port, bounded, preface)
     took = time.monotonic() - started
     level = "ok" if result is ProbeResult.OK else "fail"
     if result is ProbeResult.TIMEOUT and bounded is not health:
         message = f"probe cut short after {_ms(took)}: doctor's time limit was reached"
     else:
         message = _probe_words(result, detail, health)
-    return Finding("probe", level, message, took, {"result": result.value, "detail": detail})
+    if preface:
+        message += " (after a PROXY header, as health.send_proxy asks)"
+    facts = {"result": result.value, "detail": detail, "proxy_header": bool(preface)}
+    return Finding("probe", level, message, took, facts)
 
 
 def load_hints(connect: Finding, probe: Finding | None, pool: PoolConfig) -> list[Finding]:
@@ -730,7 +751,14 @@ class _Run:
         if pool.health is not None:
             connect, probe = await asyncio.gather(
                 connect_task,
-                check_probe(self.loop, target.host, target.port, pool.health, self.left()),
+                check_probe(
+                    self.loop,
+                    target.host,
+                    target.port,
+                    pool.health,
+                    self.left(),
+                    probe_preface(pool),
+                ),
             )
         else:
             connect, probe = await connect_task, None

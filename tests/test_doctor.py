@@ -569,3 +569,49 @@ def test_verdict_serves_exactly_when_some_server_would_take_a_client(
         assert len(because) == max(1, len(targets))
         for target in targets:
             assert f"{target.name}: {target.cause}" in sentence
+
+
+class ProxyPong(asyncio.Protocol):
+    """Answers ``+PONG`` only to a PING that follows a PROXY header naming no client, as a
+    server behind ``accept-proxy`` checks lbtcp's probes (``health.send_proxy``)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.received = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.received += data
+        if self.received == b"PROXY UNKNOWN\r\nPING\r\n":
+            self.transport.write(b"+PONG\r\n")
+        elif not b"PROXY UNKNOWN\r\nPING\r\n".startswith(self.received):
+            self.transport.write(b"-ERR no PROXY header\r\n")
+            self.transport.close()
+
+
+@pytest.mark.parametrize("send_proxy", [True, False])
+def test_probe_sends_the_proxy_header_as_configured(
+    backends: Backends, tmp_path: Path, send_proxy: bool
+) -> None:
+    port = backends.start(lambda box: ProxyPong())
+    path = tmp_path / "proxy.toml"
+    path.write_text(
+        '[listeners.web]\nbind = "127.0.0.1:0"\npool = "app"\n'
+        '[pools.app]\nproxy_protocol = "v1"\n'
+        '[pools.app.health]\ntimeout = "1s"\nsend = "PING\\r\\n"\nexpect = "+PONG"\n'
+        f"send_proxy = {'true' if send_proxy else 'false'}\n"
+        f'[[pools.app.servers]]\nname = "behind-proxy"\naddress = "127.0.0.1:{port}"\n'
+    )
+    code, out, err, _ = run_doctor(path)
+    line = server_line(out, "behind-proxy", "app")
+    if send_proxy:
+        assert code == 0, out + err
+        assert "would take clients" in line
+        assert "probe passed (expect matched) (after a PROXY header" in out
+    else:
+        assert code == 1, out + err
+        assert "closed the connection without sending '+PONG'" in line
