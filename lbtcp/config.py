@@ -99,6 +99,17 @@ class ListenerConfig:
     no_healthy_banner: bytes = b""
     idle_timeout: float = 3600.0
     backlog: int = 4096
+    # SNI routing (DESIGN.md §10): names normalized (lower case, no trailing dot), in order.
+    routes: tuple[RouteConfig, ...] = ()
+    inspect_timeout: float = 3.0
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One entry of ``listeners.NAME.routes``: a host name or ``*.suffix``, and a pool."""
+
+    sni: str
+    pool: str
 
 
 @dataclass(frozen=True)
@@ -363,6 +374,52 @@ def _bind_list(reader: _Reader) -> tuple[str, ...]:
     return tuple(binds)
 
 
+def _routes(reader: _Reader) -> tuple[RouteConfig, ...]:
+    """``routes = [{sni = "...", pool = "..."}, ...]``: each name valid and used once (case
+    and a trailing dot ignored); pools are checked against [pools] in parse_config."""
+    from lbtcp.tls_hello import normalize_route  # late: config stays importable on its own
+
+    reader.seen.add("routes")
+    if "routes" not in reader.table:
+        return ()
+    value = reader.table["routes"]
+    path = reader.key_path("routes")
+    if not isinstance(value, list):
+        reader.error("expected a list of {sni = '...', pool = '...'} tables", "routes")
+        return ()
+    routes: list[RouteConfig] = []
+    first: dict[str, int] = {}
+    for index, item in enumerate(value):
+        where = f"{path}[{index}]"
+        if not isinstance(item, dict):
+            reader.errors.append(f"{where}: expected a table {{sni = '...', pool = '...'}}")
+            continue
+        unknown = sorted(set(item) - {"sni", "pool"})
+        if unknown:
+            reader.errors.append(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
+        sni, pool = item.get("sni"), item.get("pool")
+        if not isinstance(sni, str) or not sni:
+            reader.errors.append(f"{where}.sni: is required (a host name or '*.suffix')")
+            continue
+        if not isinstance(pool, str) or not pool:
+            reader.errors.append(f"{where}.pool: is required (the name of a [pools.NAME] table)")
+            continue
+        try:
+            name = normalize_route(sni)
+        except ValueError as exc:
+            reader.errors.append(f"{where}.sni: {exc}")
+            continue
+        if name in first:
+            reader.errors.append(
+                f"{where}.sni: {sni!r} is the same name as {path}[{first[name]}] "
+                "(names are compared without case and trailing dot)"
+            )
+            continue
+        first[name] = index
+        routes.append(RouteConfig(sni=name, pool=pool))
+    return tuple(routes)
+
+
 def _reject_unbuilt(reader: _Reader, key: str, message: str) -> None:
     """A key of DESIGN.md that later work builds: refused as "not supported yet", never
     accepted and ignored (nor reported as a typo)."""
@@ -521,6 +578,8 @@ def _parse_listener(name: str, reader: _Reader) -> ListenerConfig:
         no_healthy_banner=reader.get("no_healthy_banner", b"", _bytes),
         idle_timeout=reader.get("idle_timeout", 3600.0, parse_duration),
         backlog=reader.get("backlog", 4096, _int_in(1, 1 << 20)),
+        routes=_routes(reader),
+        inspect_timeout=reader.get("inspect_timeout", 3.0, parse_duration),
     )
     if result.proxy_protocol != "off" and not result.proxy_protocol_from:
         # Accepting headers from anyone would let any client spoof its address.
@@ -531,10 +590,8 @@ def _parse_listener(name: str, reader: _Reader) -> ListenerConfig:
         )
     if result.proxy_protocol_timeout <= 0:
         reader.error("must be more than 0", "proxy_protocol_timeout")
-    _reject_unbuilt(reader, "routes", "SNI routing ('routes') is not supported yet")
-    _reject_unbuilt(
-        reader, "inspect_timeout", "SNI routing ('inspect_timeout') is not supported yet"
-    )
+    if result.inspect_timeout <= 0:
+        reader.error("must be more than 0", "inspect_timeout")
     if result.no_healthy == "banner" and not result.no_healthy_banner:
         reader.error("is empty but no_healthy = 'banner'", "no_healthy_banner")
     reader.finish()
@@ -720,6 +777,13 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
             errors.append(
                 f"listeners.{name}.pool: no pool named {listener.pool!r} (pools: {known})"
             )
+        for index, route in enumerate(listener.routes):
+            if route.pool not in pools:
+                known = ", ".join(sorted(pools)) or "none defined"
+                errors.append(
+                    f"listeners.{name}.routes[{index}].pool: no pool named {route.pool!r} "
+                    f"(pools: {known})"
+                )
         for bind in listener.bind:
             if bind in seen_binds and not bind.endswith(":0"):
                 errors.append(

@@ -6,7 +6,9 @@ accepted client the loop creates a ``relay.Session``, whose ``connection_made`` 
 CIDRs (``AC``), the per-source rate (``ratelimit.RateLimiter``) and connection limits
 (``LM``), then asks the pool for a server. With ``proxy_protocol`` on, a
 ``proxy_accept.HeaderReader`` reads the PROXY header first and hands the connection to the
-session with the header's client address (or closes it, ``PP``). No server means
+session with the header's client address (or closes it, ``PP``). With ``routes`` the same
+reader then reads the TLS ClientHello and binds the session to the route's pool
+(``tls_hello.Router``); every step after that uses ``session.pool``. No server means
 the refusal of DESIGN.md §3 (``NH``): the client was accepted and is closed at once, by FIN, by
 RST, or after a banner, without connecting anywhere. Otherwise one task per session runs the
 connect attempts: each attempt on a server not yet tried, with ``connect_timeout`` per attempt
@@ -30,10 +32,11 @@ from lbtcp.counters import SESSION_BUCKETS, Histogram
 from lbtcp.events import Event
 from lbtcp.log import Log
 from lbtcp.pool import Pool, Server
-from lbtcp.proxy_accept import HeaderReader
+from lbtcp.proxy_accept import HeaderReader, InspectedSession
 from lbtcp.proxy_protocol import encode
 from lbtcp.ratelimit import RateLimiter
 from lbtcp.relay import CLOSED, Session, UpstreamProtocol, reset_transport
+from lbtcp.tls_hello import Router
 
 TERM_NO_HEALTHY = "NH"
 TERM_CONNECT_TIMEOUT = "CT"
@@ -75,7 +78,9 @@ class Listener:
         log: Log,
         loop: asyncio.AbstractEventLoop,
         on_events: Callable[[Pool, list[Event]], None] | None = None,
+        pools: Mapping[str, Pool] | None = None,
     ) -> None:
+        """``pools``: the runtime's pools by name, for ``config.routes`` (needed with routes)."""
         self.name = config.name
         self.on_events = on_events
         self.config = config
@@ -97,10 +102,10 @@ class Listener:
         self._check_acl = bool(config.allow or config.deny)
         # Chosen once here, so that a listener without PROXY headers pays nothing per client.
         self._factory: Callable[[], asyncio.Protocol]
-        if config.proxy_protocol == "off":
-            self._factory = lambda: Session(self, loop)
-        else:
-            self._factory = lambda: HeaderReader(self)
+        self.router: Router[Pool] | None = None
+        # Every pool this listener's sessions may use: the default first, then the routes'.
+        self.pools: tuple[Pool, ...] = (pool,)
+        self._set_routes(config, pool, pools)
         self.awaiting_header: set[HeaderReader] = set()
         self.rate_limiter = (
             RateLimiter(config.max_rate_per_source) if config.max_rate_per_source else None
@@ -109,6 +114,24 @@ class Listener:
     @property
     def active(self) -> int:
         return len(self.sessions)
+
+    def _set_routes(
+        self, config: ListenerConfig, pool: Pool, pools: Mapping[str, Pool] | None
+    ) -> None:
+        """The route table and the accept factory for ``config`` (at build and on reload):
+        a plain ``Session`` unless PROXY headers or ClientHellos must be read first."""
+        self.router = None
+        self.pools = (pool,)
+        if config.routes:
+            by_name = pools or {}
+            self.router = Router((route.sni, by_name[route.pool]) for route in config.routes)
+            every = (pool, *(by_name[route.pool] for route in config.routes))
+            self.pools = tuple({id(p): p for p in every}.values())
+        loop = self.loop
+        if config.proxy_protocol == "off" and self.router is None:
+            self._factory = lambda: Session(self, loop)
+        else:
+            self._factory = lambda: HeaderReader(self)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -153,20 +176,17 @@ class Listener:
                 self.servers.remove(server)
                 self.addresses.remove(address)
 
-    def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
-        """A reload changed this listener: new clients get the new settings and pool at once;
-        live sessions keep the server they have (and a client still sending its PROXY header
-        finishes under the old rules)."""
+    def reconfigure(
+        self, config: ListenerConfig, pool: Pool, pools: Mapping[str, Pool] | None = None
+    ) -> None:
+        """A reload changed this listener: new clients get the new settings, pool and routes
+        at once; live sessions keep the server they have (and a client still sending its
+        PROXY header or ClientHello finishes under the new listener settings)."""
         old = self.config
         self.config = config
         self.pool = pool
         self._check_acl = bool(config.allow or config.deny)
-        if config.proxy_protocol != old.proxy_protocol:
-            loop = self.loop
-            if config.proxy_protocol == "off":
-                self._factory = lambda: Session(self, loop)
-            else:
-                self._factory = lambda: HeaderReader(self)
+        self._set_routes(config, pool, pools)
         if config.max_rate_per_source != old.max_rate_per_source:
             # A new limit starts counting afresh (the old window was for another limit).
             self.rate_limiter = (
@@ -190,6 +210,9 @@ class Listener:
     def session_accepted(self, session: Session) -> None:
         """Called from ``Session.connection_made`` for every accepted client."""
         self.connections_total += 1
+        pool = session.pool
+        if pool is None:  # not routed by SNI
+            pool = session.pool = self.pool
         ip = session.client_ip
         if self._check_acl and not self._acl_allows(ip):
             self._refuse(session, "acl", TERM_ACL)
@@ -205,7 +228,6 @@ class Listener:
         if config.max_per_source and self.per_source.get(ip, 0) >= config.max_per_source:
             self._refuse(session, "limit", TERM_LIMIT)
             return
-        pool = self.pool
         client = pool.client(ip, session.client_port)
         server = pool.choose(client)
         if server is None:
@@ -260,6 +282,27 @@ class Listener:
                 reason=why,
             )
 
+    def inspect_abandoned(self, peer: tuple[str, int], started_at: float) -> None:
+        """Called by ``HeaderReader`` for a client lost (reset) before its ClientHello was
+        read: counted and logged like a plain client that left before its server was
+        chosen."""
+        self.connections_total += 1
+        log = self.log
+        if log.access_enabled:
+            log.access(
+                listener=self.name,
+                client=format_address(*peer),
+                pool=self.pool.name,
+                server="-",
+                connect_ms=-1,
+                duration_ms=round((monotonic() - started_at) * 1000.0, 3),
+                bytes_in=0,
+                bytes_out=0,
+                term="--",
+                sni="-",
+                alpn="-",
+            )
+
     def _refuse(self, session: Session, reason: str, term: str) -> None:
         self.refused[reason] += 1
         session.term = term
@@ -288,7 +331,8 @@ class Listener:
         task (``wait_for``): one task per session, however many attempts it takes.
         """
         loop = self.loop
-        pool = self.pool
+        pool = session.pool
+        assert pool is not None  # set in session_accepted
         config = pool.config
         deadline = loop.time() + config.retry_budget
         all_timeouts = True
@@ -400,19 +444,24 @@ class Listener:
                 else:
                     self.per_source.pop(ip, None)
         server = session.server
+        pool = session.pool or self.pool
         if server is not None:
-            self.pool.session_ended(server, session.bytes_from_client, session.bytes_to_client)
+            pool.session_ended(server, session.bytes_from_client, session.bytes_to_client)
             self.session_seconds.observe(session.duration_ms() / 1000.0)
         log = self.log
         if log.access_enabled:
-            log.access(
-                listener=self.name,
-                client=format_address(session.client_ip, session.client_port),
-                pool=self.pool.name,
-                server=server.name if server is not None else "-",
-                connect_ms=round(session.connect_ms, 3) if session.connect_ms >= 0 else -1,
-                duration_ms=round(session.duration_ms(), 3),
-                bytes_in=session.bytes_from_client,
-                bytes_out=session.bytes_to_client,
-                term=session.term,
-            )
+            fields: dict[str, object] = {
+                "listener": self.name,
+                "client": format_address(session.client_ip, session.client_port),
+                "pool": pool.name,
+                "server": server.name if server is not None else "-",
+                "connect_ms": round(session.connect_ms, 3) if session.connect_ms >= 0 else -1,
+                "duration_ms": round(session.duration_ms(), 3),
+                "bytes_in": session.bytes_from_client,
+                "bytes_out": session.bytes_to_client,
+                "term": session.term,
+            }
+            if isinstance(session, InspectedSession):
+                fields["sni"] = session.sni or "-"
+                fields["alpn"] = session.alpn or "-"
+            log.access(**fields)

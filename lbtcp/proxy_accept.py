@@ -14,6 +14,16 @@ the client is closed, counted as ``proxy_protocol`` refusal and logged ``PP``.
 
 The reader holds one socket, one timer and a buffer of at most ~2 KiB until its verdict:
 that is all a stalled client costs.
+
+SNI routing uses the same reader, as a second stage (``_INSPECTING``): a listener with
+``routes`` accepts each client with a ``HeaderReader`` too, and once the PROXY header is read
+(or at once, without PROXY or for an untrusted peer) the reader buffers the first TLS record
+for at most ``inspect_timeout`` and ``tls_hello.MAX_INSPECT`` bytes, asks ``tls_hello.parse``,
+and hands over to an ``InspectedSession`` bound to the route's pool, or to the listener's
+``pool`` when the bytes are not TLS, carry no matching name, are malformed, or do not complete
+in time. Everything read in this stage is fed to the session, unchanged, before anything
+else. An EOF in this stage hands over too (the session passes it on after the bytes, as for
+any client); a reset ends the client like a plain one that left before its server was chosen.
 """
 
 from __future__ import annotations
@@ -22,25 +32,50 @@ import asyncio
 from time import monotonic
 from typing import TYPE_CHECKING, cast
 
+from lbtcp import tls_hello
 from lbtcp.proxy_protocol import MAX_HEADER_LENGTH, Done, Invalid, parse
 from lbtcp.relay import Session
 
 if TYPE_CHECKING:
     from lbtcp.listener import Listener
+    from lbtcp.pool import Pool
 
 # Reader states.
-_WAITING = 0
+_WAITING = 0  # for a PROXY header
 _HANDED_OVER = 1
 _ENDED = 2
+_INSPECTING = 3  # for the first TLS record
+
+
+class InspectedSession(Session):
+    """A session of a listener with ``routes``: what its ClientHello said, for the log."""
+
+    __slots__ = ("alpn", "sni")
+
+    def __init__(self, listener: Listener, pool: Pool, sni: str, alpn: str) -> None:
+        super().__init__(listener, listener.loop)
+        self.pool = pool
+        self.sni = sni
+        self.alpn = alpn
 
 
 class HeaderReader(asyncio.Protocol):
     """The protocol of a new client of a PROXY listener until its header is read."""
 
-    __slots__ = ("buffer", "listener", "peer", "started_at", "state", "timer", "transport")
+    __slots__ = (
+        "buffer",
+        "header",
+        "listener",
+        "peer",
+        "started_at",
+        "state",
+        "timer",
+        "transport",
+    )
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
+        self.header: Done | None = None
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.peer: tuple[str, int] = ("", 0)
@@ -55,29 +90,34 @@ class HeaderReader(asyncio.Protocol):
         if peer:
             self.peer = (peer[0], peer[1])
         listener = self.listener
-        try:
-            trusted = listener.trusts_proxy(self.peer[0])
-        except Exception as exc:  # a bug must cost one connection, not the process
-            listener.loop.call_exception_handler(
-                {"message": "proxy trust check failed", "exception": exc, "protocol": self}
-            )
-            trusted = False
-        if not trusted:
-            self._hand_over(None)
-            return
+        trusted = False
+        if listener.config.proxy_protocol != "off":
+            try:
+                trusted = listener.trusts_proxy(self.peer[0])
+            except Exception as exc:  # a bug must cost one connection, not the process
+                listener.loop.call_exception_handler(
+                    {"message": "proxy trust check failed", "exception": exc, "protocol": self}
+                )
         listener.awaiting_header.add(self)
+        if not trusted:
+            self._header_done(b"")
+            return
         self.timer = listener.loop.call_later(
             listener.config.proxy_protocol_timeout, self._timed_out
         )
 
     def data_received(self, data: bytes) -> None:
-        """Header bytes from a trusted peer, until the parser has a verdict."""
+        """Header bytes from a trusted peer, then (with routes) the first TLS record, until
+        the parsers have their verdicts."""
         if self.state != _WAITING:
+            if self.state == _INSPECTING:
+                self._inspect(data)
             return
         buffer = self.buffer + data if self.buffer else data
         verdict = parse(buffer, self.listener.config.proxy_protocol)
         if isinstance(verdict, Done):
-            self._hand_over(verdict, buffer[verdict.header_length :])
+            self.header = verdict
+            self._header_done(buffer[verdict.header_length :])
         elif isinstance(verdict, Invalid):
             self._refuse(verdict.why, len(buffer))
         elif len(buffer) > MAX_HEADER_LENGTH:  # pragma: no cover - the parser decides first
@@ -86,7 +126,12 @@ class HeaderReader(asyncio.Protocol):
             self.buffer = buffer
 
     def eof_received(self) -> bool:
-        """The peer shut its write side before the header was complete."""
+        """The peer shut its write side before the header (or the ClientHello) was
+        complete."""
+        if self.state == _INSPECTING:
+            # A client that sends its bytes and a FIN is still a client: route what came.
+            session = self._route(self.listener.pool, "", "")
+            return session is not None and session.eof_received()
         if self.state == _WAITING:
             self._refuse("closed before a complete header", len(self.buffer))
         return False
@@ -95,17 +140,77 @@ class HeaderReader(asyncio.Protocol):
         """The client went away (or we closed it) before the hand-over."""
         if self.state == _WAITING:
             self._refuse("connection lost before a complete header", len(self.buffer))
+        elif self.state == _INSPECTING:
+            self.state = _ENDED
+            self._release()
+            try:
+                self.listener.inspect_abandoned(self.peer, self.started_at)
+            except Exception as error:
+                self.listener.loop.call_exception_handler(
+                    {"message": "inspect_abandoned failed", "exception": error, "protocol": self}
+                )
         self._release()
 
     def _timed_out(self) -> None:
-        """Timer callback: no complete header within ``proxy_protocol_timeout``."""
+        """Timer callback: no complete header within ``proxy_protocol_timeout``, or no
+        complete ClientHello within ``inspect_timeout`` (then: the default pool)."""
         self.timer = None
         if self.state == _WAITING:
             self._refuse("no complete header within the timeout", len(self.buffer))
+        elif self.state == _INSPECTING:
+            self._route(self.listener.pool, "", "")
+
+    def _header_done(self, rest: bytes) -> None:
+        """The PROXY stage is over (a header, or none expected): inspect, or hand over."""
+        listener = self.listener
+        if listener.router is None:
+            self._hand_over(self.header, rest)
+            return
+        self.state = _INSPECTING
+        self.buffer = b""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = listener.loop.call_later(listener.config.inspect_timeout, self._timed_out)
+        if rest:
+            self._inspect(rest)
+
+    def _inspect(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        verdict = tls_hello.parse(buffer)
+        if verdict is tls_hello.NEED_MORE and len(buffer) < tls_hello.MAX_INSPECT:
+            self.buffer = buffer
+            return
+        self.buffer = buffer
+        listener = self.listener
+        pool = listener.pool
+        sni = alpn = ""
+        if isinstance(verdict, tls_hello.Hello):
+            alpn = ",".join(verdict.alpn)
+            if verdict.server_name is not None:
+                sni = verdict.server_name
+                router = listener.router
+                assert router is not None
+                routed = router.match(sni)
+                if routed is not None:
+                    pool = routed
+        self._route(pool, sni, alpn)
+
+    def _route(self, pool: Pool, sni: str, alpn: str) -> InspectedSession | None:
+        """Hand the client, and every byte read in the inspect stage, to a session bound to
+        ``pool``."""
+        self.state = _HANDED_OVER
+        buffer = self.buffer
+        self._release()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return None
+        session = InspectedSession(self.listener, pool, sni, alpn)
+        self._start(session, self.header, buffer)
+        return session
 
     def abandon(self) -> None:
         """lbtcp is stopping: close without counting a refusal."""
-        if self.state == _WAITING:
+        if self.state in (_WAITING, _INSPECTING):
             self.state = _ENDED
             self._release()
             if self.transport is not None and not self.transport.is_closing():
@@ -135,10 +240,12 @@ class HeaderReader(asyncio.Protocol):
         """A Session takes the transport: with the header's addresses, or the peer's own."""
         self.state = _HANDED_OVER
         self._release()
+        listener = self.listener
+        self._start(Session(listener, listener.loop), header, rest)
+
+    def _start(self, session: Session, header: Done | None, rest: bytes) -> None:
         transport = self.transport
         assert transport is not None
-        listener = self.listener
-        session = Session(listener, listener.loop)
         session.started_at = self.started_at
         if header is not None and header.source is not None:
             session.client_ip, session.client_port = header.source

@@ -31,7 +31,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Protocol, cast
 
 if TYPE_CHECKING:
-    from lbtcp.pool import Server
+    from lbtcp.pool import Pool, Server
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -142,6 +142,7 @@ class Session(asyncio.Protocol):
         "pending",
         "pending_eof",
         "pending_size",
+        "pool",
         "server",
         "started_at",
         "term",
@@ -157,6 +158,8 @@ class Session(asyncio.Protocol):
         self.client: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
         self.upstream: asyncio.Transport | None = None
         self.server: Server | None = None
+        # The pool this session uses: set by the listener (or by SNI routing before that).
+        self.pool: Pool | None = None
         self.tried: list[Server] = []
         self.client_ip = ""
         self.client_port = 0

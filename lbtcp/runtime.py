@@ -111,7 +111,12 @@ class Runtime:
             self.pools[name] = Pool.from_config(pool_config, now=loop.time())
         for name, listener_config in self.config.listeners.items():
             self.listeners[name] = Listener(
-                listener_config, self.pools[listener_config.pool], self.log, loop, self.on_events
+                listener_config,
+                self.pools[listener_config.pool],
+                self.log,
+                loop,
+                self.on_events,
+                pools=self.pools,
             )
 
     def start_health(self) -> None:
@@ -205,7 +210,7 @@ class Runtime:
         if server is None:
             return
         for listener in self.listeners.values():
-            if listener.pool is pool:
+            if pool in listener.pools:  # the default pool, or one of its SNI routes'
                 for session in listener.sessions_of(server):
                     session.close(TERM_SERVER_DOWN)
 
@@ -820,13 +825,18 @@ class Runtime:
         for lchange in plan.listeners_changed:
             listener = self.listeners[lchange.name]
             listener_config = config.listeners[lchange.name]
-            listener.reconfigure(listener_config, self.pools[listener_config.pool])
+            listener.reconfigure(listener_config, self.pools[listener_config.pool], self.pools)
             if lchange.name in bound:
                 await listener.add_sockets(bound[lchange.name])
         for name in plan.listeners_added:
             listener_config = config.listeners[name]
             listener = Listener(
-                listener_config, self.pools[listener_config.pool], self.log, loop, self.on_events
+                listener_config,
+                self.pools[listener_config.pool],
+                self.log,
+                loop,
+                self.on_events,
+                pools=self.pools,
             )
             self.listeners[name] = listener
             await listener.start(bound.get(name, {}))

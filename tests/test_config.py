@@ -312,8 +312,6 @@ def test_names_and_srv_are_dynamic_servers() -> None:
 @pytest.mark.parametrize(
     ("where", "key", "value"),
     [
-        ("listener", "routes", [{"sni": "a.example", "pool": "app"}]),
-        ("listener", "inspect_timeout", "3s"),
         ("top", "fleet", {"etcd": ["http://127.0.0.1:2379"]}),
     ],
 )

@@ -128,7 +128,16 @@ def test_verdict_examples(specs: list[dict[str, Any]], threshold: int, verdict: 
 # --- the document of a running runtime ---------------------------------------------------------
 
 TOP_KEYS = {"version", "pid", "config", "started_at", "uptime_s", "draining", "listeners", "pools"}
-LISTENER_KEYS = {"name", "pool", "addresses", "active", "total", "max_connections", "refused"}
+LISTENER_KEYS = {
+    "name",
+    "pool",
+    "addresses",
+    "active",
+    "total",
+    "max_connections",
+    "refused",
+    "routes",
+}
 POOL_KEYS = {"name", "balance", "verdict", "servers_total", "in_service", "servers"}
 SERVER_KEYS = {
     "name",

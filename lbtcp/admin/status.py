@@ -69,6 +69,8 @@ def _listener(listener: Listener) -> dict[str, Any]:
         "total": listener.connections_total,
         "max_connections": config.max_connections,
         "refused": dict(listener.refused),
+        # SNI routing: the pool each name goes to; the default is "pool" above.
+        "routes": [{"sni": route.sni, "pool": route.pool} for route in config.routes],
     }
 
 

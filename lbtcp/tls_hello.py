@@ -1,0 +1,291 @@
+"""The TLS ClientHello's server name and ALPN list, and the SNI route table (pure).
+
+Theory of operation. ``parse`` is fed everything a client has sent so far and answers:
+``NEED_MORE``, ``Hello(server_name, alpn)``, ``NOT_TLS`` or ``Invalid(why)``. It keeps no
+state: the caller buffers and calls again with more bytes. Every verdict other than
+``NEED_MORE`` is final: it depends only on bytes that a longer input shares, so feeding a
+hello byte by byte gives the same verdict as feeding it whole.
+
+What is read: the TLS record header (content type 22 = handshake, version 3.x, a length of
+1..16,384), the handshake header (type 1 = ClientHello, a 24-bit length), the ClientHello's
+fixed fields, and its extensions, with a bounds check before every read; ``server_name``
+(type 0, name type 0 = host_name) and ALPN (type 16) are kept. Only the first record is read:
+``MAX_INSPECT`` = 5 + 16,384 bytes, one record's maximum, is all a client can make lbtcp
+hold. A ClientHello longer than its record (a handshake message fragmented over several
+records, which RFC 8446 allows but no common client sends for hellos under 16 KiB) is
+answered ``Invalid`` and the listener uses its default pool, as for any hello it cannot read.
+
+The first byte decides "not TLS" at once (anything but 22), as does a second byte other than
+3: such a client goes to the default pool without any wait.
+
+``Router`` is the route table of one listener, built once: a dict of exact names and a dict
+of wildcard suffixes. ``match`` looks the name up, then each of its suffixes from the longest
+(one dict lookup per dot), so the longest match wins and its cost does not grow with the
+number of routes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+RECORD_HANDSHAKE = 22
+HANDSHAKE_CLIENT_HELLO = 1
+EXT_SERVER_NAME = 0
+EXT_ALPN = 16
+MAX_RECORD = 16384
+MAX_INSPECT = 5 + MAX_RECORD
+
+# What a host name in SNI may hold (RFC 6066: a DNS host name, ASCII, no trailing dot; we
+# accept one and '_' too, as resolvers do). Anything else is refused as malformed rather than
+# matched, so that odd bytes never reach a log line or a route.
+_HOST_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?$")
+_ROUTE_RE = re.compile(r"^(\*\.)?[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*$")
+
+
+class NeedMore:
+    """Not enough bytes yet for a verdict."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_MORE"
+
+
+class NotTls:
+    """The first bytes cannot start a TLS handshake record."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_TLS"
+
+
+NEED_MORE = NeedMore()
+NOT_TLS = NotTls()
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A complete ClientHello: its host name (lower case, no trailing dot; None without
+    SNI) and its ALPN protocol names (printable ASCII, other bytes as ``\\xNN``)."""
+
+    server_name: str | None
+    alpn: tuple[str, ...]
+    length: int  # bytes of the record header, handshake header and hello
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A TLS handshake record that is not a ClientHello lbtcp can read."""
+
+    why: str
+
+
+Verdict = NeedMore | NotTls | Hello | Invalid
+
+
+def parse(data: bytes) -> Verdict:
+    """The verdict on a connection's first bytes ``data`` (see the module doc)."""
+    size = len(data)
+    if size == 0:
+        return NEED_MORE
+    if data[0] != RECORD_HANDSHAKE:
+        return NOT_TLS
+    if size < 2:
+        return NEED_MORE
+    if data[1] != 3:
+        return NOT_TLS
+    if size < 5:
+        return NEED_MORE
+    record_length = (data[3] << 8) | data[4]
+    if record_length == 0 or record_length > MAX_RECORD:
+        return Invalid(f"record length {record_length} is not 1..{MAX_RECORD}")
+    if size < 6:
+        return NEED_MORE
+    if data[5] != HANDSHAKE_CLIENT_HELLO:
+        return Invalid(f"handshake type {data[5]} is not a ClientHello")
+    if size < 9:
+        return NEED_MORE
+    hello_length = (data[6] << 16) | (data[7] << 8) | data[8]
+    if hello_length + 4 > record_length:
+        return Invalid("the ClientHello does not fit in the first record")
+    end = 9 + hello_length
+    if size < end:
+        return NEED_MORE
+    return _client_hello(data, 9, end)
+
+
+def _client_hello(data: bytes, at: int, end: int) -> Hello | Invalid:
+    # legacy_version (2) and random (32)
+    at += 34
+    if at + 1 > end:
+        return Invalid("ClientHello shorter than its fixed fields")
+    session_id = data[at]
+    if session_id > 32:
+        return Invalid(f"session id of {session_id} bytes (at most 32)")
+    at += 1 + session_id
+    if at + 2 > end:
+        return Invalid("ClientHello ends before its cipher suites")
+    suites = (data[at] << 8) | data[at + 1]
+    if suites < 2 or suites % 2:
+        return Invalid(f"cipher suites of {suites} bytes")
+    at += 2 + suites
+    if at + 1 > end:
+        return Invalid("ClientHello ends before its compression methods")
+    methods = data[at]
+    if methods < 1:
+        return Invalid("no compression method")
+    at += 1 + methods
+    if at > end:
+        return Invalid("ClientHello ends inside its compression methods")
+    length = end
+    if at == end:
+        return Hello(None, (), length)  # no extensions at all (SSL 3.0 style)
+    if at + 2 > end:
+        return Invalid("ClientHello ends inside its extensions length")
+    extensions_end = at + 2 + ((data[at] << 8) | data[at + 1])
+    if extensions_end != end:
+        return Invalid("extensions length does not match the ClientHello")
+    at += 2
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    seen: set[int] = set()
+    while at < end:
+        if at + 4 > end:
+            return Invalid("an extension header runs past the ClientHello")
+        kind = (data[at] << 8) | data[at + 1]
+        body_end = at + 4 + ((data[at + 2] << 8) | data[at + 3])
+        if body_end > end:
+            return Invalid(f"extension {kind} runs past the ClientHello")
+        if kind in seen:
+            return Invalid(f"extension {kind} appears twice")
+        seen.add(kind)
+        if kind == EXT_SERVER_NAME:
+            found = _server_name(data, at + 4, body_end)
+            if isinstance(found, Invalid):
+                return found
+            server_name = found
+        elif kind == EXT_ALPN:
+            protocols = _alpn(data, at + 4, body_end)
+            if isinstance(protocols, Invalid):
+                return protocols
+            alpn = protocols
+        at = body_end
+    return Hello(server_name, alpn, length)
+
+
+def _server_name(data: bytes, at: int, end: int) -> str | Invalid | None:
+    """The host_name of a server_name extension body (RFC 6066 §3)."""
+    if at == end:
+        return None  # an empty body: how a server acknowledges it; odd, but harmless
+    if at + 2 > end or at + 2 + ((data[at] << 8) | data[at + 1]) != end:
+        return Invalid("server_name list length does not match its extension")
+    at += 2
+    host: str | None = None
+    while at < end:
+        if at + 3 > end:
+            return Invalid("server_name entry header runs past its list")
+        name_type = data[at]
+        name_end = at + 3 + ((data[at + 1] << 8) | data[at + 2])
+        if name_end > end:
+            return Invalid("server_name entry runs past its list")
+        if name_type == 0:
+            if host is not None:
+                return Invalid("two host names in server_name")
+            raw = data[at + 3 : name_end]
+            try:
+                text = raw.decode("ascii")
+            except UnicodeDecodeError:
+                return Invalid("server_name host name is not ASCII")
+            if not _HOST_RE.match(text) or len(text) > 254:
+                return Invalid("server_name host name is not a DNS name")
+            host = text.lower().removesuffix(".")
+        at = name_end
+    return host
+
+
+def _alpn(data: bytes, at: int, end: int) -> tuple[str, ...] | Invalid:
+    """The protocol names of an ALPN extension body (RFC 7301 §3.1)."""
+    if at + 2 > end or at + 2 + ((data[at] << 8) | data[at + 1]) != end:
+        return Invalid("ALPN list length does not match its extension")
+    at += 2
+    names: list[str] = []
+    while at < end:
+        name_end = at + 1 + data[at]
+        if name_end == at + 1 or name_end > end:
+            return Invalid("an ALPN protocol name is empty or runs past its list")
+        names.append(printable(data[at + 1 : name_end]))
+        at = name_end
+    return tuple(names)
+
+
+def printable(raw: bytes) -> str:
+    """Bytes as log-safe text: visible ASCII as is, anything else (space, ',', '=' and '\\'
+    included, which would split or confuse a log field) as ``\\xNN``."""
+    return "".join(
+        chr(b) if 0x21 <= b <= 0x7E and b not in b',=\\"' else f"\\x{b:02x}" for b in raw
+    )
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+def normalize_route(sni: str) -> str:
+    """A route's ``sni`` as it is compared: lower case, without a trailing dot. Raises
+    ValueError (with the reason) for anything that is not a host name or ``*.suffix``."""
+    name = sni.lower()
+    if name.endswith(".") and not name.endswith(".."):
+        name = name[:-1]
+    if len(name) > 253 or not _ROUTE_RE.match(name):
+        if "*" in name and not name.startswith("*."):
+            raise ValueError(
+                f"{sni!r}: a wildcard must be the whole first label, as '*.example.com'"
+            )
+        raise ValueError(
+            f"{sni!r} is not a host name or '*.suffix' (labels of 1-63 letters, digits, '-', '_')"
+        )
+    return name
+
+
+T = TypeVar("T")
+
+
+class Router(Generic[T]):
+    """The routes of one listener: ``match(name)`` gives the target of the longest route
+    matching ``name`` (exact names first, then ``*.suffix`` from the longest suffix), or
+    None. Routes must be normalized and distinct (config.py checks both)."""
+
+    __slots__ = ("exact", "suffixes")
+
+    def __init__(self, routes: Iterable[tuple[str, T]]) -> None:
+        self.exact: dict[str, T] = {}
+        # "*.example.com" is kept as ".example.com": a name matches when it ends with it and
+        # has something before it.
+        self.suffixes: dict[str, T] = {}
+        for sni, target in routes:
+            if sni.startswith("*."):
+                self.suffixes[sni[1:]] = target
+            else:
+                self.exact[sni] = target
+
+    def match(self, name: str) -> T | None:
+        """``name`` from a ClientHello (any case, a trailing dot allowed)."""
+        name = name.lower()
+        if name.endswith("."):
+            name = name[:-1]
+        target = self.exact.get(name)
+        if target is not None:
+            return target
+        suffixes = self.suffixes
+        if not suffixes:
+            return None
+        dot = name.find(".", 1)
+        while dot > 0:
+            target = suffixes.get(name[dot:])
+            if target is not None:
+                return target
+            dot = name.find(".", dot + 1)
+        return None
