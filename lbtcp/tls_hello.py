@@ -27,6 +27,7 @@ number of routes.
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -42,6 +43,9 @@ MAX_INSPECT = 5 + MAX_RECORD
 # accept one and '_' too, as resolvers do). Anything else is refused as malformed rather than
 # matched, so that odd bytes never reach a log line or a route.
 _HOST_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?$")
+# ALPN names as they are logged unchanged: visible ASCII but for the log's own separators.
+_LOG_SAFE = bytes(b for b in range(0x21, 0x7F) if b not in b',=\\"')
+_HEADER = struct.Struct("!HH").unpack_from  # an extension's type and length, one C call
 _ROUTE_RE = re.compile(r"^(\*\.)?[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*$")
 
 
@@ -152,23 +156,28 @@ def _client_hello(data: bytes, at: int, end: int) -> Hello | Invalid:
     at += 2
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
-    seen: set[int] = set()
+    # Only the two extensions we read are checked for repeats (RFC 8446 §4.2 forbids any):
+    # two server_name extensions would make the route ambiguous.
+    seen_name = seen_alpn = False
     while at < end:
         if at + 4 > end:
             return Invalid("an extension header runs past the ClientHello")
-        kind = (data[at] << 8) | data[at + 1]
-        body_end = at + 4 + ((data[at + 2] << 8) | data[at + 3])
+        kind, body_length = _HEADER(data, at)
+        body_end = at + 4 + body_length
         if body_end > end:
             return Invalid(f"extension {kind} runs past the ClientHello")
-        if kind in seen:
-            return Invalid(f"extension {kind} appears twice")
-        seen.add(kind)
         if kind == EXT_SERVER_NAME:
+            if seen_name:
+                return Invalid(f"extension {kind} appears twice")
+            seen_name = True
             found = _server_name(data, at + 4, body_end)
             if isinstance(found, Invalid):
                 return found
             server_name = found
         elif kind == EXT_ALPN:
+            if seen_alpn:
+                return Invalid(f"extension {kind} appears twice")
+            seen_alpn = True
             protocols = _alpn(data, at + 4, body_end)
             if isinstance(protocols, Invalid):
                 return protocols
@@ -225,6 +234,8 @@ def _alpn(data: bytes, at: int, end: int) -> tuple[str, ...] | Invalid:
 def printable(raw: bytes) -> str:
     """Bytes as log-safe text: visible ASCII as is, anything else (space, ',', '=' and '\\'
     included, which would split or confuse a log field) as ``\\xNN``."""
+    if not raw.translate(None, _LOG_SAFE):  # nothing left once the safe bytes are gone
+        return raw.decode("ascii")  # the common case ("h2", "http/1.1"): no loop per byte
     return "".join(
         chr(b) if 0x21 <= b <= 0x7E and b not in b',=\\"' else f"\\x{b:02x}" for b in raw
     )

@@ -1,5 +1,6 @@
 """A bounded slice of the coverage-guided fuzz runs of scripts/fuzz (atheris): the PROXY
-parser and the config loader must answer every input with their own verdicts."""
+parser, the ClientHello parser and the config loader must answer every input with their own
+verdicts."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize(("target", "runs"), [("proxy", 30_000), ("config", 3_000)])
+@pytest.mark.parametrize(
+    ("target", "runs"), [("proxy", 30_000), ("hello", 30_000), ("config", 3_000)]
+)
 def test_fuzz_slice(tmp_path: Path, target: str, runs: int) -> None:
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "fuzz"), target, f"-runs={runs}", "-seed=1"],
