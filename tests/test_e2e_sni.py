@@ -367,3 +367,24 @@ def test_proxy_header_then_client_hello_on_one_listener(
         assert all(field(line, "client") == "192.0.2.7:40000" for line in lines)
     finally:
         lbtcp.stop()
+
+
+def test_a_reload_turns_routes_on_and_off_for_the_listener_that_stays(
+    tmp_path: Path, backends: dict[str, TlsBackend], certificates: dict[str, tuple[Path, Path]]
+) -> None:
+    routed = sni_config(backends)
+    plain = routed.replace(f"routes = {ROUTES}\n", "")
+    assert plain != routed
+    lbtcp = Lbtcp(plain, tmp_path)
+    try:
+        address = lbtcp.address()
+        context = client_context(certificates, tmp_path)
+        assert tls_echo(address, context, "api.example.com") == "app-backend"
+        assert "listeners +0 -0 ~1" in lbtcp.reload(routed)
+        assert lbtcp.address() == address
+        assert tls_echo(address, context, "api.example.com") == "api-backend"
+        assert tls_echo(address, context, "www.example.com") == "web-backend"
+        assert "listeners +0 -0 ~1" in lbtcp.reload(plain)
+        assert tls_echo(address, context, "api.example.com") == "app-backend"
+    finally:
+        lbtcp.stop()
