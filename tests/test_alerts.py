@@ -10,6 +10,7 @@ it reads.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -492,8 +493,8 @@ name = "gone"
         exposed: set[str] = set()
         after = scrape(admin, exposed)
 
-    # The rules read only these names; every one of them is in the real exposition but the
-    # listener's limit, which lbtcp does not expose yet.
+    # The rules read only these names; every one of them is in the real exposition (the
+    # listener's limit is checked by the limit test below).
     missing = rule_metrics() - NOT_YET_IN_DESIGN_METRICS - exposed
     assert not missing, f"read by the rules but not exposed: {sorted(missing)}"
     assert_alerts_on_replay(
@@ -511,6 +512,59 @@ name = "gone"
             alert("LbtcpServerDown", "warning", pool="dead", server="gone"),
             alert("LbtcpNoHealthyRefusals", "critical", listener="dead", reason="no_healthy"),
         ],
+    )
+
+
+def test_the_limit_rule_fires_on_a_real_lbtcps_metrics(
+    backends: Backends, start_lbtcp: Callable[..., Lbtcp], tmp_path: Path
+) -> None:
+    """A live ``lbtcp serve`` whose listener web holds 2 sessions of its max_connections = 2,
+    and whose listener open (no limit) holds 3: LbtcpListenerNearConnectionLimit fires for web
+    alone, and nothing else fires. Needs lbtcp_listener_max_connections in /metrics."""
+    echo = backends.echo()
+    proc = start_lbtcp(
+        f"""\
+[global]
+access_log = false
+[admin]
+listen = "127.0.0.1:0"
+[listeners.web]
+bind = "127.0.0.1:0"
+pool = "app"
+max_connections = 2
+[listeners.open]
+bind = "127.0.0.1:0"
+pool = "app"
+[pools.app]
+[[pools.app.servers]]
+address = "127.0.0.1:{echo}"
+name = "a"
+"""
+    )
+    admin = admin_address(proc)
+    web, unlimited = proc.address("web"), proc.address("open")
+    with contextlib.ExitStack() as held:
+        for address in (web, web, unlimited, unlimited, unlimited):
+            held.enter_context(open_session(address))
+        wait_until(
+            lambda: value(scrape(admin), "lbtcp_listener_active_connections", listener="web") == 2,
+            what="web's two sessions counted",
+        )
+        exposed: set[str] = set()
+        now = scrape(admin, exposed)
+    assert exposed >= NOT_YET_IN_DESIGN_METRICS, (
+        "lbtcp_listener_max_connections is not in /metrics: LbtcpListenerNearConnectionLimit "
+        "cannot fire (lbtcp.metrics must expose each listener's max_connections, 0 = unlimited)"
+    )
+    assert value(now, "lbtcp_listener_max_connections", listener="web") == 2
+    assert value(now, "lbtcp_listener_max_connections", listener="open") == 0
+    assert_alerts_on_replay(
+        tmp_path,
+        now,
+        now,
+        step_at=1,
+        eval_time="3m",
+        expected=[alert("LbtcpListenerNearConnectionLimit", "warning", listener="web")],
     )
 
 
