@@ -124,6 +124,12 @@ def _listener_families(runtime: Runtime) -> list[Family]:
         "Sessions of the listener now (accepted, not refused, not ended)",
         by_listener,
     )
+    limit = Family(
+        "lbtcp_listener_max_connections",
+        "gauge",
+        "The listener's max_connections (0 = unlimited), for alerts on nearing it",
+        by_listener,
+    )
     refused = Family(
         "lbtcp_listener_refused",
         "counter",
@@ -140,11 +146,12 @@ def _listener_families(runtime: Runtime) -> list[Family]:
         key = (listener.name,)
         total.samples.append((key, listener.connections_total))
         active.samples.append((key, listener.active))
+        limit.samples.append((key, listener.config.max_connections))
         counts = listener.refused
         for reason in REFUSAL_REASONS:
             refused.samples.append(((listener.name, reason), counts.get(reason, 0)))
         sessions.histograms.append((key, listener.session_seconds))
-    return [total, active, refused, sessions]
+    return [total, active, limit, refused, sessions]
 
 
 def _server_families(runtime: Runtime) -> list[Family]:
