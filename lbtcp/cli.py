@@ -14,7 +14,7 @@ import click
 
 from lbtcp import __version__
 from lbtcp.addresses import AddressError, Endpoint, parse_endpoint
-from lbtcp.config import Config, ConfigError, load_config
+from lbtcp.config import Config, ConfigError, FleetConfig, load_config
 
 if TYPE_CHECKING:
     from lbtcp.admin.client import AdminClient
@@ -171,6 +171,11 @@ def _admin_client(
 @_admin_options
 @click.option("--json", "as_json", is_flag=True, help="Print the /status JSON document.")
 @click.option("--watch", is_flag=True, help="Redraw every second until Ctrl-C.")
+@click.option(
+    "--fleet",
+    is_flag=True,
+    help="Every live node of the fleet (from etcd) and where their views differ; needs -c.",
+)
 def status(
     admin: Endpoint | None,
     config: str | None,
@@ -178,8 +183,20 @@ def status(
     timeout: float,
     as_json: bool,
     watch: bool,
+    fleet: bool,
 ) -> None:
     """Show the live pools and servers, from the admin API."""
+    if fleet:
+        from lbtcp.fleet import commands
+
+        try:
+            document = commands.status(_fleet_config(config))
+        except commands.FleetCommandError as exc:
+            _fail(str(exc))
+        with _reader_may_leave():
+            text = commands.dumps(document) + "\n" if as_json else commands.status_text(document)
+            click.echo(text, nl=False)
+        return
     from rich.console import Console
 
     from lbtcp.admin import table
@@ -216,15 +233,40 @@ def _reader_may_leave() -> Iterator[None]:
         sys.exit(0)
 
 
+_fleet_option = click.option(
+    "--fleet",
+    is_flag=True,
+    help="Through etcd for every node of the fleet (needs -c CONFIG with [fleet]).",
+)
+
+
+def _fleet_config(config: str | None) -> FleetConfig:
+    if config is None:
+        raise click.UsageError("--fleet needs -c CONFIG (its [fleet] table names etcd)")
+    settings = _load_or_exit(config).fleet
+    if settings is None:
+        _fail(f"{config} has no [fleet] table")
+    return settings
+
+
 def _change(
     action: str,
     pool: str,
     server: str,
     weight: int,
     options: tuple[Endpoint | None, str | None, str | None, float],
+    fleet: bool = False,
 ) -> None:
     from lbtcp.admin.client import AdminError, apply_change
 
+    if fleet:
+        from lbtcp.fleet import commands
+
+        try:
+            click.echo(commands.change(_fleet_config(options[1]), pool, server, action, weight))
+        except commands.FleetCommandError as exc:
+            _fail(str(exc))
+        return
     with _admin_client(*options) as client:
         try:
             line = apply_change(client, pool, server, action, weight)
@@ -237,6 +279,7 @@ def _change(
 @click.argument("pool")
 @click.argument("server")
 @_admin_options
+@_fleet_option
 def drain(
     pool: str,
     server: str,
@@ -244,15 +287,17 @@ def drain(
     config: str | None,
     token: str | None,
     timeout: float,
+    fleet: bool,
 ) -> None:
     """Drain SERVER of POOL: no new sessions; live ones and probes go on."""
-    _change("drain", pool, server, 0, (admin, config, token, timeout))
+    _change("drain", pool, server, 0, (admin, config, token, timeout), fleet)
 
 
 @main.command()
 @click.argument("pool")
 @click.argument("server")
 @_admin_options
+@_fleet_option
 def enable(
     pool: str,
     server: str,
@@ -260,15 +305,17 @@ def enable(
     config: str | None,
     token: str | None,
     timeout: float,
+    fleet: bool,
 ) -> None:
     """Enable SERVER of POOL: back in rotation after drain or disable."""
-    _change("enable", pool, server, 0, (admin, config, token, timeout))
+    _change("enable", pool, server, 0, (admin, config, token, timeout), fleet)
 
 
 @main.command()
 @click.argument("pool")
 @click.argument("server")
 @_admin_options
+@_fleet_option
 def disable(
     pool: str,
     server: str,
@@ -276,9 +323,10 @@ def disable(
     config: str | None,
     token: str | None,
     timeout: float,
+    fleet: bool,
 ) -> None:
     """Disable SERVER of POOL: out of rotation, not probed; live sessions go on."""
-    _change("disable", pool, server, 0, (admin, config, token, timeout))
+    _change("disable", pool, server, 0, (admin, config, token, timeout), fleet)
 
 
 @main.command()
@@ -286,6 +334,7 @@ def disable(
 @click.argument("server")
 @click.argument("n", type=click.IntRange(0, 256))
 @_admin_options
+@_fleet_option
 def weight(
     pool: str,
     server: str,
@@ -294,9 +343,10 @@ def weight(
     config: str | None,
     token: str | None,
     timeout: float,
+    fleet: bool,
 ) -> None:
     """Set the weight of SERVER of POOL to N (0..256) at runtime."""
-    _change("weight", pool, server, n, (admin, config, token, timeout))
+    _change("weight", pool, server, n, (admin, config, token, timeout), fleet)
 
 
 @main.command()

@@ -9,6 +9,7 @@ silently. All durations become float seconds; all byte strings become ``bytes``.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import ipaddress
 import math
@@ -70,6 +71,24 @@ class AdminConfig:
     token: str = ""
     token_file: str = ""
     auth_reads: bool = False
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """``[fleet]`` (DESIGN.md section 12). ``password`` is the first line of
+    ``password_file`` (read at load time), empty without one."""
+
+    etcd: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    prefix: str = "/lbtcp/"
+    node: str = ""  # resolved to the host name at load time when empty
+    timeout: float = 2.0
+    lease_ttl: float = 10.0
+    username: str = ""
+    password_file: str = ""
+    password: str = field(default="", repr=False)
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,6 +205,7 @@ class Config:
     listeners: Mapping[str, ListenerConfig]
     pools: Mapping[str, PoolConfig]
     source: str = ""
+    fleet: FleetConfig | None = None
 
 
 # --- parsing -----------------------------------------------------------------------------
@@ -520,6 +540,98 @@ def _parse_admin(reader: _Reader | None, source: str) -> AdminConfig | None:
     return AdminConfig(listen=listen, token=token, token_file=token_file, auth_reads=auth_reads)
 
 
+def _etcd_endpoints(value: object) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected an endpoint URL or a non-empty list of them")
+    out: list[str] = []
+    for item in items:
+        text = _str(item).rstrip("/")
+        match = _ETCD_URL_RE.match(text)
+        if not match:
+            raise ValueError(f"{text!r} is not an etcd endpoint such as 'http://127.0.0.1:2379'")
+        port = int(match.group(2))
+        if not 0 < port < 65536:
+            raise ValueError(f"{text!r}: port {port} is out of range (1..65535)")
+        out.append(text)
+    return tuple(out)
+
+
+_ETCD_URL_RE = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def _fleet_prefix(value: object) -> str:
+    text = _str(value)
+    if not text.startswith("/") or not text.endswith("/") or len(text) < 2:
+        raise ValueError(f"{text!r} must start and end with '/', such as '/lbtcp/'")
+    if any(ord(c) < 0x21 or ord(c) > 0x7E for c in text):
+        raise ValueError(f"{text!r} may hold only visible ASCII characters")
+    return text
+
+
+def _parse_fleet(reader: _Reader | None, source: str) -> FleetConfig | None:
+    if reader is None:
+        return None
+    import socket  # late: only a config with [fleet] needs the host name
+
+    base = Path(source).parent if source else Path()
+    result = FleetConfig(
+        etcd=reader.get("etcd", FleetConfig.etcd, _etcd_endpoints),
+        prefix=reader.get("prefix", "/lbtcp/", _fleet_prefix),
+        node=reader.get("node", "", _str),
+        timeout=reader.get("timeout", 2.0, parse_duration),
+        lease_ttl=reader.get("lease_ttl", 10.0, parse_duration),
+        username=reader.get("username", "", _str),
+        password_file=reader.get("password_file", "", _str),
+        ca_file=reader.get("ca_file", "", _str),
+        cert_file=reader.get("cert_file", "", _str),
+        key_file=reader.get("key_file", "", _str),
+    )
+    reader.finish()
+    node = result.node or socket.gethostname()
+    if not _NAME_RE.match(node):
+        reader.error(f"node name {node!r} may hold only letters, digits, '_', '-', '.'", "node")
+    if result.timeout <= 0 or result.timeout > 60:
+        reader.error("must be more than 0 and at most 60s", "timeout")
+    # etcd grants leases in whole seconds, at least 2 (a shorter TTL would expire between
+    # two keep-alives on a loaded machine).
+    if not 2 <= result.lease_ttl <= 3600 or result.lease_ttl != int(result.lease_ttl):
+        reader.error("must be a whole number of seconds from 2s to 1h", "lease_ttl")
+    password = ""
+    if result.password_file and not result.username:
+        reader.error("needs 'username' too", "password_file")
+    if result.username:
+        if not result.password_file:
+            reader.error("needs 'password_file' too", "username")
+        else:
+            full = base / result.password_file
+            try:
+                password = full.read_bytes().split(b"\n", 1)[0].decode("utf-8").strip()
+            except (OSError, ValueError) as exc:
+                why = getattr(exc, "strerror", None) or exc
+                reader.error(f"cannot read {result.password_file!r}: {why}", "password_file")
+    if bool(result.cert_file) != bool(result.key_file):
+        reader.error("'cert_file' and 'key_file' go together; give both or neither")
+    paths = {"ca_file": result.ca_file, "cert_file": result.cert_file, "key_file": result.key_file}
+    for key, path in paths.items():
+        if path and not (base / path).is_file():
+            reader.error(f"no readable file {path!r}", key)
+        elif path:
+            paths[key] = str(base / path)
+    if (result.ca_file or result.cert_file) and not all(
+        url.startswith("https://") for url in result.etcd
+    ):
+        reader.error("TLS files are set but some endpoint is not https://", "etcd")
+    return dataclasses.replace(
+        result,
+        node=node,
+        password=password,
+        ca_file=paths["ca_file"],
+        cert_file=paths["cert_file"],
+        key_file=paths["key_file"],
+    )
+
+
 def _parse_resolver(reader: _Reader | None) -> ResolverConfig:
     if reader is None:
         return ResolverConfig()
@@ -765,7 +877,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     listeners = {
         name: _parse_listener(name, reader) for name, reader in _named_tables(top, "listeners")
     }
-    _reject_unbuilt(top, "fleet", "the fleet ([fleet], shared state in etcd) is not supported yet")
+    fleet = _parse_fleet(top.sub("fleet"), source)
     top.finish()
 
     if not listeners and "listeners" not in top.table:
@@ -799,6 +911,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
         listeners=listeners,
         pools=pools,
         source=source,
+        fleet=fleet,
     )
 
 

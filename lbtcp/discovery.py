@@ -85,6 +85,9 @@ class Discovery:
         self.entries = dynamic_entries(config)
         self.watcher: DnsWatcher | None = None
         self._started = False
+        # The fleet's extra servers and weights join every membership rebuild (reload, DNS,
+        # fleet change alike), so that none of them drops what another one added.
+        self.membership_hook: Callable[[str, list[Server]], list[Server]] | None = None
 
     @property
     def query_counts(self) -> dict[str, int]:
@@ -161,6 +164,8 @@ class Discovery:
         for key, (owner, _entry) in self.entries.items():
             if owner == pool_name:
                 servers += self.entry_servers(key)
+        if self.membership_hook is not None:
+            servers = self.membership_hook(pool_name, servers)
         return servers
 
     def entry_servers(self, key: str) -> list[Server]:

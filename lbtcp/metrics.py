@@ -104,6 +104,8 @@ def families(runtime: Runtime) -> list[Family]:
     out += _pool_families(runtime)
     out += _dns_families(runtime)
     out += _config_families(runtime)
+    if runtime.fleet is not None:
+        out += _fleet_families(runtime)
     build = Family("lbtcp_build_info", "gauge", "lbtcp's version (always 1)", ("version",))
     build.samples.append(((__version__,), 1))
     out.append(build)
@@ -292,6 +294,25 @@ def _dns_families(runtime: Runtime) -> list[Family]:
         for name, counts in sorted(discovery.name_query_counts.items()):
             queries.samples += [((name, r), counts.get(r, 0)) for r in QUERY_RESULTS]
     return [queries]
+
+
+def _fleet_families(runtime: Runtime) -> list[Family]:
+    fleet = runtime.fleet
+    assert fleet is not None
+    connected = Family("lbtcp_fleet_connected", "gauge", "1 while etcd answers, else 0")
+    connected.samples.append(((), 1 if fleet.connected else 0))
+    revision = Family(
+        "lbtcp_fleet_revision", "gauge", "The etcd revision of the last fleet change applied"
+    )
+    revision.samples.append(((), fleet.revision))
+    updates = Family(
+        "lbtcp_fleet_updates",
+        "counter",
+        "Keys of the fleet's desired state taken from etcd, by result (applied, invalid)",
+        ("result",),
+    )
+    updates.samples += [((result,), count) for result, count in sorted(fleet.updates.items())]
+    return [connected, revision, updates]
 
 
 def _config_families(runtime: Runtime) -> list[Family]:

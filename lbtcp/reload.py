@@ -222,7 +222,13 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
             )
             kept[key] = before
     global_ = dataclasses.replace(new.global_, **kept)  # type: ignore[arg-type]
-    effective = dataclasses.replace(new, global_=global_)
+    # The fleet's etcd session (lease, watch) is made once at start: a changed [fleet]
+    # waits for a restart, as the resolver's settings do.
+    fleet = new.fleet
+    if old.fleet != new.fleet:
+        restart.append("fleet: changed settings need a restart to take effect; keeping the old")
+        fleet = old.fleet
+    effective = dataclasses.replace(new, global_=global_, fleet=fleet)
     global_changed = tuple(
         f.name
         for f in dataclasses.fields(global_)

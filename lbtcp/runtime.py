@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 from collections.abc import Coroutine, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lbtcp import __version__
 from lbtcp.admin.routes import Router
@@ -51,6 +51,9 @@ from lbtcp.probes import Prober
 from lbtcp.relay import TERM_SERVER_DOWN, TERM_SHUTDOWN
 from lbtcp.reload import ReloadPlan, ReloadResult, plan_reload
 from lbtcp.systemd import ListenFdsError, Notifier, check_listening, take_listen_fds
+
+if TYPE_CHECKING:
+    from lbtcp.fleet.watcher import Fleet
 
 # While a server is in slow start its weight is refreshed this often.
 SLOW_START_STEP = 0.25
@@ -104,6 +107,8 @@ class Runtime:
         self._reload_lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self.last_reload: ReloadResult | None = None
+        # [fleet]: shared desired state in etcd (lbtcp.fleet, imported only when configured).
+        self.fleet: Fleet | None = None
 
     def build(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -142,6 +147,8 @@ class Runtime:
 
     def on_events(self, pool: Pool, events: list[Event]) -> None:
         """Log the core's events and act on them (close sessions, reschedule probes)."""
+        if self.fleet is not None and events:
+            self.fleet.on_pool_events(pool, events)
         prober = self.probers.get(pool.name)
         for event in events:
             if isinstance(event, ServerAdded):
@@ -257,6 +264,9 @@ class Runtime:
         KeyError if there is no such pool or server."""
         assert self._loop is not None
         pool = self.pools[pool_name]
+        if self.fleet is not None and server_name in pool.servers:
+            # The stricter of this local decision and the fleet's override applies.
+            action = self.fleet.local_action(pool_name, server_name, action)
         self.on_events(pool, pool.admin(server_name, action, self._loop.time()))
 
     def server_weight(self, pool_name: str, server_name: str, weight: int) -> None:
@@ -264,6 +274,8 @@ class Runtime:
         assert self._loop is not None
         pool = self.pools[pool_name]
         old = pool.set_weight(server_name, weight, self._loop.time())
+        if self.fleet is not None:
+            self.fleet.local_weight[(pool_name, server_name)] = weight  # wins over the fleet's
         if old == weight:
             return  # nothing changed, nothing to log (as a repeated drain)
         self.log.event(
@@ -336,6 +348,12 @@ class Runtime:
         self.build(loop)
         self.discovery = Discovery(self.config, self.pools, loop, self.log, self.on_events)
         await self.discovery.start()
+        if self.config.fleet is not None:
+            from lbtcp.fleet.watcher import Fleet  # late: httpx only with [fleet]
+
+            self.fleet = Fleet(self.config.fleet, self)
+            self.discovery.membership_hook = self.fleet.membership
+            await self.fleet.start()
         try:
             bound = self.open_binds(
                 (name, bind)
@@ -354,6 +372,8 @@ class Runtime:
             if self.admin is not None:
                 self.admin.close()
             await self.discovery.close()
+            if self.fleet is not None:
+                await self.fleet.close()
             return 1
         for listener in self.listeners.values():
             for address in listener.addresses:
@@ -366,6 +386,8 @@ class Runtime:
             if self.admin is not None:
                 self.admin.close()
             await self.discovery.close()
+            if self.fleet is not None:
+                await self.fleet.close()
             return 1
         self.start_health()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "drain")
@@ -511,6 +533,9 @@ class Runtime:
         self.stop_health()
         if self.discovery is not None:
             await self.discovery.close()
+        if self.fleet is not None:
+            # Revokes the lease: the registry entry goes now, not after lease_ttl.
+            await self.fleet.close()
         drain_timeout = self.config.global_.drain_timeout
         if self._stop_mode == "drain" and self.active_sessions:
             self.log.event(
