@@ -307,28 +307,3 @@ def test_names_and_srv_are_dynamic_servers() -> None:
     ]
     servers = parse_config(data).pools["app"].servers
     assert [s.is_dynamic for s in servers] == [True, True, False]
-
-
-@pytest.mark.parametrize(
-    ("where", "key", "value"),
-    [
-        ("top", "fleet", {"etcd": ["http://127.0.0.1:2379"]}),
-    ],
-)
-def test_keys_of_later_work_are_refused_as_not_supported_yet(
-    where: str, key: str, value: object
-) -> None:
-    """DESIGN.md names these keys; until they are built they must be refused with
-    "not supported yet", never accepted and ignored, nor called a typo."""
-    data = minimal()
-    if where == "listener":
-        data["listeners"]["web"][key] = value
-        path = f"listeners.web.{key}"
-    else:
-        data[key] = value
-        path = key
-    errors = errors_of(data)
-    assert len(errors) == 1
-    assert errors[0].startswith(f"{path}: ")
-    assert "not supported yet" in errors[0]
-    assert "unknown key" not in errors[0]

@@ -145,3 +145,222 @@ def test_drain_and_enable_fleet_reach_every_node_within_1s(
     assert time.monotonic() - returned < 1.0
     for node in nodes.values():
         assert sorted(set(served_by(node, 4))) == ["s1", "s2"]
+
+
+def roundtrip_from(source_ip: str, address: tuple[str, int], payload: bytes) -> bytes:
+    """A round trip from a chosen loopback address (127.0.0.0/8 is all local on Linux), so
+    that ``source_hash`` sees distinct clients."""
+    with socket.create_connection(address, timeout=5, source_address=(source_ip, 0)) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+CLIENT_IPS = [f"127.0.{i}.{j}" for i in (1, 2) for j in range(2, 14)]
+
+
+def mapping(node: Lbtcp) -> dict[str, str]:
+    """client IP -> the server that ``node`` sends it to (from the access log)."""
+    before = len(node.matching(r"\baccess\b"))
+    for ip in CLIENT_IPS:
+        assert roundtrip_from(ip, node.address(), ip.encode()) == ip.encode()
+    want = before + len(CLIENT_IPS)
+    wait_until(lambda: len(node.matching(r"\baccess\b")) >= want, 5, "access lines")
+    out = {}
+    for line in node.matching(r"\baccess\b")[before:want]:
+        client = re.search(r"\bclient=\[?([0-9.]+)", line)
+        server = re.search(r"\bserver=(\S+)", line)
+        assert client and server, line
+        out[client.group(1)] = server.group(1)
+    assert sorted(out) == sorted(CLIENT_IPS)
+    return out
+
+
+def test_server_added_with_etcdctl_joins_every_node_and_source_hash_agrees(
+    tmp_path: Path, etcd: Etcd, backends: Backends, started: list[Lbtcp]
+) -> None:
+    servers = {"s1": backends.echo(), "s2": backends.echo()}
+    configs = {n: node_config(etcd.url, n, servers, balance="source_hash") for n in "abc"}
+    nodes = start_nodes(tmp_path, configs, started)
+    for node in nodes.values():
+        node.wait_line("fleet_connected")
+    before = [mapping(node) for node in nodes.values()]
+    assert before[0] == before[1] == before[2]
+    assert set(before[0].values()) == {"s1", "s2"}
+    marks = {name: len(node.lines) for name, node in nodes.items()}
+    extra = backends.echo()
+    etcd.ctl("put", "/lbtcp/pools/app/servers/s3", json.dumps({"address": f"127.0.0.1:{extra}"}))
+    returned = time.monotonic()
+    for name, node in nodes.items():
+        node.wait_line(r"fleet_update.*servers/s3", 1.0, start=marks[name])
+    assert time.monotonic() - returned < 1.0
+    after = [mapping(node) for node in nodes.values()]
+    assert after[0] == after[1] == after[2]
+    assert set(after[0].values()) == {"s1", "s2", "s3"}
+    # A live session on s3, then s3 leaves etcd: it drains out, the session goes on.
+    s3_client = next(ip for ip, server in after[0].items() if server == "s3")
+    live = socket.create_connection(nodes["a"].address(), timeout=5, source_address=(s3_client, 0))
+    live.sendall(b"hello")
+    assert live.recv(5) == b"hello"
+    marks = {name: len(node.lines) for name, node in nodes.items()}
+    etcd.ctl("del", "/lbtcp/pools/app/servers/s3")
+    for name, node in nodes.items():
+        node.wait_line(r"server_state.*server=s3.*removed", 1.0, start=marks[name])
+    final = [mapping(node) for node in nodes.values()]
+    assert final[0] == final[1] == final[2] == before[0]
+    live.sendall(b"still there")
+    assert live.recv(11) == b"still there"
+    live.close()
+
+
+def metric(node: Lbtcp, name: str) -> float:
+    admin = node.wait_line(r"admin_listening")
+    match = re.search(r"address=(\S+)", admin)
+    assert match, admin
+    host, port = match.group(1).rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        body = b""
+        while chunk := sock.recv(65536):
+            body += chunk
+    for line in body.decode().splitlines():
+        if line.rsplit(" ", 1)[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_garbage_under_the_prefix_is_logged_with_its_key_and_ignored(
+    tmp_path: Path, etcd: Etcd, backends: Backends, started: list[Lbtcp]
+) -> None:
+    servers = {"s1": backends.echo(), "s2": backends.echo()}
+    etcd.ctl("put", "/lbtcp/overrides/app/s1", '{"admin": "drain"}')
+    node = start_nodes(tmp_path, {"a": node_config(etcd.url, "a", servers)}, started)["a"]
+    node.wait_line("fleet_connected")
+    assert set(served_by(node, 4)) == {"s2"}  # the valid override applied at the listing
+    garbage = {
+        "/lbtcp/overrides/app/s1": "{not json",  # over a valid value: the valid one stays
+        "/lbtcp/overrides/app/s2": '{"weight": 9000}',
+        "/lbtcp/pools/app/servers/s9": '{"address": "127.0.0.1:1", "colour": "red"}',
+        "/lbtcp/whatever": '{"a": 1}',
+    }
+    mark = len(node.lines)
+    for key, value in garbage.items():
+        etcd.ctl("put", key, value)
+    for key in garbage:
+        node.wait_line(rf"fleet_invalid.*key={re.escape(key)}$", 2.0, start=mark)
+    extra = backends.echo()
+    etcd.ctl("put", "/lbtcp/pools/app/servers/s3", json.dumps({"address": f"127.0.0.1:{extra}"}))
+    node.wait_line(r"fleet_update.*servers/s3", 1.0, start=mark)
+    assert set(served_by(node, 6)) == {"s2", "s3"}  # s1 still drained, s9 never joined
+    assert metric(node, 'lbtcp_fleet_updates_total{result="invalid"}') == 4
+    assert metric(node, "lbtcp_fleet_connected") == 1
+    revision = int(json.loads(etcd.ctl("get", "/x", "-w", "json"))["header"]["revision"])
+    assert metric(node, "lbtcp_fleet_revision") == revision
+
+
+def test_status_fleet_names_the_disagreeing_node_and_dead_nodes_leave_the_registry(
+    tmp_path: Path, etcd: Etcd, backends: Backends, started: list[Lbtcp]
+) -> None:
+    good = {"s1": backends.echo(), "s2": backends.echo()}
+    # Node c's own config sends s1 to a closed port: s1 is down from c only.
+    blocked = {"s1": closed_port(), "s2": good["s2"]}
+    configs = {
+        "a": node_config(etcd.url, "a", good, health=True, lease_ttl="3s"),
+        "b": node_config(etcd.url, "b", good, health=True, lease_ttl="3s"),
+        "c": node_config(etcd.url, "c", blocked, health=True, lease_ttl="3s"),
+    }
+    nodes = start_nodes(tmp_path, configs, started)
+    nodes["c"].wait_line(r"server_state.*server=s1.*unhealthy")
+    config_path = str(tmp_path / "a" / "lbtcp.toml")
+
+    def status() -> dict[str, object]:
+        done = lbtcp_cli("status", "--fleet", "--json", "-c", config_path)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    wait_until(lambda: len(status()["disagreements"]) == 1, 5, "c's verdict in the registry")
+    document = status()
+    assert sorted(document["nodes"]) == ["a", "b", "c"]  # type: ignore[call-overload]
+    (item,) = document["disagreements"]  # type: ignore[misc]
+    assert (item["pool"], item["server"]) == ("app", "s1")
+    assert item["summary"] == "down from node c only"
+    text = lbtcp_cli("status", "--fleet", "-c", config_path)
+    assert "app/s1: down from node c only" in text.stdout
+    # kill -9: the entry stays until its lease (3 s) expires, then goes.
+    nodes["c"].proc.kill()
+    killed = time.monotonic()
+    assert "/lbtcp/nodes/c" in etcd.get_prefix("/lbtcp/nodes/")
+    wait_until(lambda: "/lbtcp/nodes/c" not in etcd.get_prefix("/lbtcp/nodes/"), 6, "expiry")
+    assert time.monotonic() - killed <= 3 + 1.5  # the TTL, plus etcd's expiry sweep
+    # SIGTERM revokes the lease: gone at once.
+    nodes["b"].signal(15)
+    assert nodes["b"].wait(15) == 0
+    assert "/lbtcp/nodes/b" not in etcd.get_prefix("/lbtcp/nodes/")
+    assert sorted(status()["nodes"]) == ["a"]  # type: ignore[call-overload]
+
+
+def test_etcd_down_for_10s_under_load_fails_no_session_and_says_so_once(
+    tmp_path: Path, etcd: Etcd, backends: Backends, started: list[Lbtcp]
+) -> None:
+    servers = {"s1": backends.echo(), "s2": backends.echo()}
+    etcd.ctl("put", "/lbtcp/overrides/app/s2", '{"weight": 3}')
+    configs = {n: node_config(etcd.url, n, servers) for n in "abc"}
+    nodes = start_nodes(tmp_path, configs, started)
+    for node in nodes.values():
+        node.wait_line("fleet_connected")
+    failures: list[str] = []
+    done_sessions = [0]
+    stop = threading.Event()
+
+    def load() -> None:
+        addresses = [node.address() for node in nodes.values()]
+        deadline = time.monotonic() + 40  # bounded in time and in count
+        for index in range(200_000):
+            if stop.is_set() or time.monotonic() > deadline:
+                return
+            payload = f"session {index}".encode()
+            try:
+                got = roundtrip(addresses[index % 3], payload)
+            except OSError as exc:
+                failures.append(repr(exc))
+                continue
+            if got != payload:
+                failures.append(f"session {index}: {got!r}")
+            done_sessions[0] += 1
+            time.sleep(0.005)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        etcd.kill()
+        for node in nodes.values():
+            node.wait_line("fleet_unreachable.*keeping the last desired state", 5)
+        # While etcd is away a new node starts: it serves its file.
+        folder = tmp_path / "d"
+        folder.mkdir()
+        late = Lbtcp(node_config(etcd.url, "d", servers), folder)
+        started.append(late)
+        late.wait_line("fleet_unreachable.*unreachable at start: serving the config file")
+        payload = b"from the file"
+        assert roundtrip(late.address(), payload) == payload
+        time.sleep(10)  # the outage itself: what is measured is the time etcd stays away
+        etcd.start()
+        for node in [*nodes.values(), late]:
+            node.wait_line("fleet_connected.*reachable again", 5)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert failures == []
+    assert done_sessions[0] > 100
+    for node in [*nodes.values(), late]:
+        assert len(node.matching("fleet_unreachable")) == 1
+        assert len(node.matching("reachable again")) == 1
+    # Resynchronised: the fleet's weight kept throughout; a new change reaches every node.
+    marks = {name: len(node.lines) for name, node in nodes.items()}
+    etcd.ctl("put", "/lbtcp/overrides/app/s1", '{"admin": "drain"}')
+    for name, node in nodes.items():
+        node.wait_line(r"server_state.*server=s1.*draining", 1.0, start=marks[name])
+    late.wait_line(r"server_state.*server=s1.*draining", 1.0)

@@ -176,8 +176,9 @@ class Fleet:
 
     def _on_batch(self, batch: list[KeyValue]) -> None:
         updates = [self.state.apply(kv.key, kv.value, kv.mod_revision) for kv in batch]
-        self._account(updates, log_applied=True)
+        # Applied first, logged after: the line means "in force on this node".
         self._apply_pools({u.pool for u in updates if u.pool and u.result == "applied"}, False)
+        self._account(updates, log_applied=True)
 
     def _account(self, updates: list[Update], log_applied: bool) -> None:
         log = self.runtime.log
