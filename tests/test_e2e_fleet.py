@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.etcd_support import Etcd, running_etcd
+from tests.etcd_support import CuttableProxy, Etcd, running_etcd
 from tests.support import Backends, Lbtcp, closed_port, open_session, roundtrip, wait_until
 
 
@@ -364,3 +364,89 @@ def test_etcd_down_for_10s_under_load_fails_no_session_and_says_so_once(
     for name, node in nodes.items():
         node.wait_line(r"server_state.*server=s1.*draining", 1.0, start=marks[name])
     late.wait_line(r"server_state.*server=s1.*draining", 1.0)
+
+
+def test_a_node_cut_off_from_etcd_resumes_its_watch_or_lists_again_after_compaction(
+    tmp_path: Path, etcd: Etcd, backends: Backends, started: list[Lbtcp]
+) -> None:
+    servers = {"s1": backends.echo(), "s2": backends.echo()}
+    proxy = CuttableProxy(etcd.client_port)
+    try:
+        node = start_nodes(tmp_path, {"a": node_config(proxy.url, "a", servers)}, started)["a"]
+        node.wait_line("fleet_connected")
+        # Cut, change, restore: the watch resumes from the last revision it saw.
+        proxy.cut()
+        node.wait_line("fleet_unreachable.*keeping the last desired state", 5)
+        etcd.ctl("put", "/lbtcp/overrides/app/s1", '{"admin": "drain"}')
+        assert set(served_by(node, 4)) == {"s1", "s2"}  # nothing reached it yet
+        mark = len(node.lines)
+        proxy.restore()
+        node.wait_line('reachable again.*how="?watch resumed', 5, start=mark)
+        node.wait_line(r"server_state.*server=s1.*draining", 2, start=mark)
+        assert set(served_by(node, 4)) == {"s2"}
+        assert not node.matching("fleet_relist")
+        # Cut again; meanwhile the override is deleted and etcd compacts past it: the watch
+        # cannot resume, the node lists again and sees the deletion.
+        proxy.cut()
+        node.wait_line("fleet_unreachable", 5, start=mark)
+        etcd.ctl("del", "/lbtcp/overrides/app/s1")
+        etcd.ctl("put", "/lbtcp/unrelated/x", "1")  # (invalid, logged: another revision)
+        revision = int(json.loads(etcd.ctl("get", "/x", "-w", "json"))["header"]["revision"])
+        etcd.ctl("compaction", str(revision))
+        mark = len(node.lines)
+        proxy.restore()
+        node.wait_line("fleet_relist", 5, start=mark)
+        node.wait_line("reachable again", 5, start=mark)
+        node.wait_line(r"server_state.*server=s1", 2, start=mark)
+        assert sorted(set(served_by(node, 4))) == ["s1", "s2"]
+        assert len(node.matching("fleet_unreachable")) == 2  # once per outage
+    finally:
+        proxy.close()
+
+
+def test_local_and_fleet_precedence_stricter_admin_local_weight_wins(
+    tmp_path: Path, etcd: Etcd, backends: Backends, started: list[Lbtcp]
+) -> None:
+    servers = {"s1": backends.echo(), "s2": backends.echo()}
+    node = start_nodes(tmp_path, {"a": node_config(etcd.url, "a", servers)}, started)["a"]
+    node.wait_line("fleet_connected")
+    config_path = str(tmp_path / "a" / "lbtcp.toml")
+    admin = re.search(r"address=(\S+)", node.wait_line("admin_listening")).group(1)  # type: ignore[union-attr]
+
+    def view() -> dict[str, tuple[str, int]]:
+        done = lbtcp_cli("status", "--json", "--admin", admin)
+        assert done.returncode == 0, done.stderr
+        pools = json.loads(done.stdout)["pools"]
+        pool = pools["app"] if isinstance(pools, dict) else pools[0]
+        return {s["name"]: (s["state"], s["weight"]) for s in pool["servers"]}
+
+    def fleet(*args: str) -> None:
+        done = lbtcp_cli(*args, "--fleet", "-c", config_path)
+        assert done.returncode == 0, done.stderr
+
+    # Local drain, fleet enable: the stricter (draining) stays.
+    assert lbtcp_cli("drain", "app", "s1", "--admin", admin).returncode == 0
+    mark = len(node.lines)
+    fleet("enable", "app", "s1")
+    node.wait_line("fleet_update.*overrides/app/s1", 2, start=mark)
+    assert view()["s1"][0] == "draining"
+    # Fleet disable, local enable: still disabled.
+    mark = len(node.lines)
+    fleet("disable", "app", "s2")
+    node.wait_line("fleet_update.*overrides/app/s2", 2, start=mark)
+    assert lbtcp_cli("enable", "app", "s2", "--admin", admin).returncode == 0
+    assert view()["s2"][0] == "disabled"
+    # Weight: the fleet's beats the file's; a local runtime weight beats the fleet's.
+    mark = len(node.lines)
+    fleet("weight", "app", "s1", "7")
+    node.wait_line("fleet_update.*overrides/app/s1", 2, start=mark)
+    assert view()["s1"] == ("draining", 7)  # the weight joined the drain, not replaced it
+    assert lbtcp_cli("weight", "app", "s1", "2", "--admin", admin).returncode == 0
+    mark = len(node.lines)
+    fleet("weight", "app", "s1", "9")
+    node.wait_line("fleet_update.*overrides/app/s1", 2, start=mark)
+    assert view()["s1"][1] == 2
+    assert json.loads(etcd.get_prefix("/lbtcp/overrides/")["/lbtcp/overrides/app/s1"]) == {
+        "admin": "enable",
+        "weight": 9,
+    }

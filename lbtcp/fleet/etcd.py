@@ -173,8 +173,9 @@ class EtcdClient:
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[KeyValue]]:
         """The changes under ``prefix`` from ``start_revision`` on, one list per etcd
-        response. Raises Compacted if that revision is gone, EtcdError when the stream
-        breaks. Ends only by raising (or by the caller leaving it)."""
+        response (an empty one first, once the watch is created). Raises Compacted if that
+        revision is gone, EtcdError when the stream breaks. Ends only by raising (or by the
+        caller leaving it)."""
         if self.config.username and not self._token:
             await self._authenticate()
         body = {
@@ -210,7 +211,8 @@ class EtcdClient:
                     if result.get("canceled"):
                         raise EtcdError(f"{url}: watch canceled: {result.get('cancel_reason')}")
                     events = result.get("events", [])
-                    if events:
+                    if events or result.get("created"):
+                        # The creation answer is an empty batch: the watch is in place.
                         yield [
                             _key_value(e.get("kv", {}), e.get("type") == "DELETE") for e in events
                         ]

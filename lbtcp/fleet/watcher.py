@@ -118,7 +118,8 @@ class Fleet:
             "fleet_unreachable", message, etcd=",".join(self.config.etcd), error=str(why)
         )
 
-    def _came_back(self, listed: int) -> None:
+    def _came_back(self, how: str, **fields: object) -> None:
+        """etcd answered (``how``: "listed" or "watch resumed"); one line if it was away."""
         self.connected = True
         if self._said_down:
             self._said_down = False
@@ -126,31 +127,42 @@ class Fleet:
                 "fleet_connected",
                 "etcd reachable again: desired state resynchronised",
                 revision=self.state.revision,
-                keys=listed,
+                how=how,
+                **fields,
             )
         elif not self._ever_connected:
             self.runtime.log.event(
                 "fleet_connected",
                 "fleet: desired state listed from etcd",
                 revision=self.state.revision,
-                keys=listed,
                 node=self.config.node,
+                **fields,
             )
         self._ever_connected = True
 
     # --- desired state --------------------------------------------------------------------
 
     async def _list(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         items, revision = await self.client.list_prefix(self.config.prefix)
+        listed = loop.time()
         updates = self.state.load(((kv.key, kv.value or b"") for kv in items), revision)
         self._account(updates, log_applied=False)
         self._apply_pools({u.pool for u in updates if u.pool and u.result == "applied"}, True)
-        self._came_back(len(items))
+        self._came_back(
+            "listed",
+            keys=len(items),
+            list_ms=round((listed - started) * 1000, 1),
+            apply_ms=round((loop.time() - listed) * 1000, 1),
+        )
 
     async def _watch_loop(self) -> None:
-        """Task: watch from the last revision seen; re-list after a compaction or a gap."""
+        """Task: watch from the last revision seen (a broken stream resumes there, so no
+        change is missed or applied twice); list again only when etcd has compacted that
+        revision away, or when the node never listed (etcd was down at start)."""
         delay = RETRY_MIN
-        must_list = not self.connected
+        must_list = not self._ever_connected
         while not self._closing:
             try:
                 if must_list:
@@ -159,15 +171,19 @@ class Fleet:
                 async for batch in self.client.watch(self.config.prefix, self.state.revision + 1):
                     delay = RETRY_MIN
                     if not self.connected:
-                        self._came_back(0)
-                    self._on_batch(batch)
-            except Compacted:
+                        self._came_back("watch resumed")
+                    if batch:
+                        self._on_batch(batch)
+            except Compacted as exc:
+                self.runtime.log.event(
+                    "fleet_relist",
+                    "etcd compacted the revisions this node missed: listing the prefix again",
+                    revision=self.state.revision,
+                    compacted_to=exc.compact_revision,
+                )
                 must_list = True
             except (EtcdError, asyncio.TimeoutError) as exc:
                 self._went_down(exc if isinstance(exc, EtcdError) else "no answer in time")
-                # After being away, list again: the watch alone cannot say what was deleted
-                # while a compaction ran, and the listing is the "resync" line's evidence.
-                must_list = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
             except Exception as exc:  # a bug must not take the node down; retry
