@@ -103,6 +103,7 @@ class Update:
     kind: str = ""
     pool: str = ""
     message: str = ""
+    name: str = ""  # the server's (or node's) name from the key
 
 
 def parse_key(prefix: str, key: str) -> Key:
@@ -249,6 +250,10 @@ class FleetState:
         self.prefix = prefix
         self.values: dict[str, tuple[Key, Value]] = {}
         self.revision = 0  # of the last change applied (or of the listing)
+        # Indexes by pool, kept with ``values``: a change to one key of 10,000 must not
+        # make every lookup scan them all.
+        self._extras: dict[str, dict[str, ExtraServer]] = {}
+        self._overrides: dict[str, dict[str, Override]] = {}
 
     def apply(self, key: str, raw: bytes | None, revision: int) -> Update:
         """One put (``raw`` the value) or delete (``raw`` None) at ``revision``."""
@@ -260,18 +265,33 @@ class FleetState:
             return Update(key, "unchanged" if raw is None else "invalid", message=str(exc))
         if raw is None:
             gone = self.values.pop(key, None)
+            self._index(parsed, None)
             result = "applied" if gone is not None else "unchanged"
-            return Update(key, result, parsed.kind, parsed.pool)
+            return Update(key, result, parsed.kind, parsed.pool, name=parsed.name)
         try:
             value = validate(parsed, raw)
         except ValueInvalid as exc:
             # The last valid value for the key stays (DESIGN.md section 12).
-            return Update(key, "invalid", parsed.kind, parsed.pool, str(exc))
+            return Update(key, "invalid", parsed.kind, parsed.pool, str(exc), parsed.name)
         old = self.values.get(key)
         if old is not None and old[1] == value:
-            return Update(key, "unchanged", parsed.kind, parsed.pool)
+            return Update(key, "unchanged", parsed.kind, parsed.pool, name=parsed.name)
         self.values[key] = (parsed, value)
-        return Update(key, "applied", parsed.kind, parsed.pool)
+        self._index(parsed, value)
+        return Update(key, "applied", parsed.kind, parsed.pool, name=parsed.name)
+
+    def _index(self, key: Key, value: Value | None) -> None:
+        index: dict[str, dict[str, ExtraServer]] | dict[str, dict[str, Override]]
+        if key.kind == "server":
+            index = self._extras
+        elif key.kind == "override":
+            index = self._overrides
+        else:
+            return
+        if value is None:
+            index.get(key.pool, {}).pop(key.name, None)
+        else:
+            index.setdefault(key.pool, {})[key.name] = value  # type: ignore[assignment]
 
     def load(self, items: Iterable[tuple[str, bytes]], revision: int) -> list[Update]:
         """A full listing at ``revision``: keys missing from it are deleted; a key whose
@@ -287,23 +307,19 @@ class FleetState:
     # --- queries ---------------------------------------------------------------------
 
     def extra_servers(self, pool: str) -> dict[str, ExtraServer]:
-        return {
-            k.name: v
-            for k, v in self.values.values()
-            if k.kind == "server" and k.pool == pool and isinstance(v, ExtraServer)
-        }
+        return self._extras.get(pool, {})
 
     def override(self, pool: str, server: str) -> Override:
-        entry = self.values.get(f"{self.prefix}overrides/{pool}/{server}")
-        if entry is not None and isinstance(entry[1], Override):
-            return entry[1]
-        return Override()
+        return self._overrides.get(pool, {}).get(server, _NO_OVERRIDE)
+
+    def pool_overrides(self, pool: str) -> dict[str, Override]:
+        return self._overrides.get(pool, {})
 
     def overrides(self) -> dict[tuple[str, str], Override]:
         return {
-            (k.pool, k.name): v
-            for k, v in self.values.values()
-            if k.kind == "override" and isinstance(v, Override)
+            (pool, name): value
+            for pool, values in self._overrides.items()
+            for name, value in values.items()
         }
 
     def nodes(self) -> dict[str, NodeInfo]:
@@ -312,6 +328,9 @@ class FleetState:
             for k, v in self.values.values()
             if k.kind == "node" and isinstance(v, NodeInfo)
         }
+
+
+_NO_OVERRIDE = Override()
 
 
 def stricter(a: str, b: str) -> str:

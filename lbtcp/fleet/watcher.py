@@ -38,7 +38,7 @@ from lbtcp.fleet.state import (
     encode,
     stricter,
 )
-from lbtcp.health import AdminAction
+from lbtcp.health import Admin, AdminAction
 from lbtcp.pool import Pool, Server
 
 if TYPE_CHECKING:
@@ -62,6 +62,9 @@ class Fleet:
         # Local admin-API decisions, kept apart so that the fleet's can be combined with them.
         self.local_admin: dict[tuple[str, str], str] = {}
         self.local_weight: dict[tuple[str, str], int] = {}
+        # Each server's weight before the fleet's and the local override (the file's, DNS's
+        # or its etcd entry's), by pool: what a deleted weight override falls back to.
+        self._base_weight: dict[str, dict[str, int]] = {}
         self.lease = 0
         self.started_at = time.time()
         self._ever_connected = False
@@ -166,7 +169,9 @@ class Fleet:
         while not self._closing:
             try:
                 if must_list:
-                    await asyncio.wait_for(self._list(), self.config.timeout)
+                    # Not bounded as a whole (the start is): each request and read is, by
+                    # httpx's timeout, and a large prefix may take longer than one of them.
+                    await self._list()
                     must_list = False
                 async for batch in self.client.watch(self.config.prefix, self.state.revision + 1):
                     delay = RETRY_MIN
@@ -192,8 +197,17 @@ class Fleet:
 
     def _on_batch(self, batch: list[KeyValue]) -> None:
         updates = [self.state.apply(kv.key, kv.value, kv.mod_revision) for kv in batch]
+        applied = [u for u in updates if u.result == "applied"]
+        # Membership changes rebuild their pool; an override touches its server only (one
+        # drain among 10,000 servers must not rebuild them all).
+        members = {u.pool for u in applied if u.kind == "server"}
+        self._apply_pools(members, False)
+        for update in applied:
+            if update.kind == "override" and update.pool not in members:
+                pool = self.runtime.pools.get(update.pool)
+                if pool is not None and update.name in pool.servers:
+                    self.apply_override(pool, update.name)
         # Applied first, logged after: the line means "in force on this node".
-        self._apply_pools({u.pool for u in updates if u.pool and u.result == "applied"}, False)
         self._account(updates, log_applied=True)
 
     def _account(self, updates: list[Update], log_applied: bool) -> None:
@@ -236,12 +250,34 @@ class Fleet:
         self.runtime.on_events(pool, events)
         self.apply_admin(pool)
 
-    def apply_admin(self, pool: Pool) -> None:
-        """Every server's admin state = the stricter of the local one and the fleet's."""
+    def apply_override(self, pool: Pool, name: str) -> None:
+        """One server's fleet override changed: its weight and admin state by precedence."""
+        loop = self.runtime._loop
+        base = self._base_weight.get(pool.name, {}).get(name)
+        if loop is None or base is None:
+            return
+        key = (pool.name, name)
+        fleet = self.state.override(pool.name, name).weight
+        weight = effective_weight(self.local_weight.get(key), fleet, base)
+        if pool.servers[name].weight != weight:
+            pool.set_weight(name, weight, loop.time())
+        self.apply_admin(pool, [name])
+
+    def apply_admin(self, pool: Pool, names: list[str] | None = None) -> None:
+        """Each server's admin state = the stricter of the local one and the fleet's
+        (``names``: only these servers; default every server of the pool)."""
         loop = self.runtime._loop
         if loop is None:
             return
-        for name in list(pool.servers):
+        if names is None:
+            # Only servers that have an admin override, local or fleet, or that are not
+            # enabled now (an override of theirs may have gone): not every one of 10,000.
+            names = [n for n, o in self.state.pool_overrides(pool.name).items() if o.admin]
+            names += [n for (p, n) in self.local_admin if p == pool.name]
+            names += [r.name for r in pool.health if r.admin is not Admin.ENABLED]
+        for name in dict.fromkeys(names):
+            if name not in pool.servers:
+                continue
             wanted = self.wanted_admin(pool.name, name)
             if name in pool.health and pool.health.server(name).admin.value != wanted:
                 action = AdminAction(ADMIN_ACTION[wanted])
@@ -254,19 +290,25 @@ class Fleet:
     def membership(self, pool_name: str, servers: list[Server]) -> list[Server]:
         """Discovery's hook: the file's and DNS's servers, the fleet's extra servers joining
         them (a name the file has wins), weights by precedence."""
-        names = {server.name for server in servers}
+        by_name = {server.name: server for server in servers}
         for name, extra in sorted(self.state.extra_servers(pool_name).items()):
-            if name in names:
+            if name in by_name:
                 continue
             host, _, port = extra.address.rpartition(":")
-            servers.append(
-                Server(name, host.strip("[]"), int(port), weight=extra.weight, backup=extra.backup)
+            by_name[name] = Server(
+                name, host.strip("[]"), int(port), weight=extra.weight, backup=extra.backup
             )
-        for server in servers:
-            key = (pool_name, server.name)
-            fleet = self.state.override(pool_name, server.name).weight
-            server.weight = effective_weight(self.local_weight.get(key), fleet, server.weight)
-        return servers
+        self._base_weight[pool_name] = {name: s.weight for name, s in by_name.items()}
+        # Only the servers with an override or a local weight change: no scan of them all.
+        for name, override in self.state.pool_overrides(pool_name).items():
+            server = by_name.get(name)
+            if server is not None and override.weight is not None:
+                server.weight = override.weight
+        for (pool, name), weight in self.local_weight.items():
+            server = by_name.get(name)
+            if pool == pool_name and server is not None:
+                server.weight = weight
+        return list(by_name.values())
 
     # --- local admin API ------------------------------------------------------------------
 
