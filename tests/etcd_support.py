@@ -82,8 +82,8 @@ class Etcd:
         )
         return done.stdout
 
-    def get_prefix(self, prefix: str) -> dict[str, str]:
-        lines = self.ctl("get", "--prefix", prefix).splitlines()
+    def get_prefix(self, prefix: str, *options: str) -> dict[str, str]:
+        lines = self.ctl(*options, "get", "--prefix", prefix).splitlines()
         return dict(zip(lines[::2], lines[1::2], strict=True))
 
 

@@ -289,6 +289,16 @@ def test_status_fleet_names_the_disagreeing_node_and_dead_nodes_leave_the_regist
     assert item["summary"] == "down from node c only"
     text = lbtcp_cli("status", "--fleet", "-c", config_path)
     assert "app/s1: down from node c only" in text.stdout
+
+    # Updated on change, not per probe: over 5 probe intervals with no verdict changing,
+    # no node rewrites its entry.
+    def mod_revisions() -> dict[str, int]:
+        answer = json.loads(etcd.ctl("get", "--prefix", "/lbtcp/nodes/", "-w", "json"))
+        return {kv["key"]: kv["mod_revision"] for kv in answer["kvs"]}
+
+    before = mod_revisions()
+    time.sleep(1.0)  # the time window observed, not a wait for something to start
+    assert mod_revisions() == before
     # kill -9: the entry stays until its lease (3 s) expires, then goes.
     nodes["c"].proc.kill()
     killed = time.monotonic()
@@ -450,3 +460,35 @@ def test_local_and_fleet_precedence_stricter_admin_local_weight_wins(
         "admin": "enable",
         "weight": 9,
     }
+
+
+def test_etcd_with_authentication(
+    tmp_path: Path, etcd: Etcd, backends: Backends, started: list[Lbtcp]
+) -> None:
+    etcd.ctl("user", "add", "root:rootpw")
+    etcd.ctl("auth", "enable")
+    (tmp_path / "pw").write_text("rootpw\n")
+    servers = {"s1": backends.echo(), "s2": backends.echo()}
+    text = node_config(etcd.url, "a", servers).replace(
+        'timeout = "1s"', f'timeout = "1s"\nusername = "root"\npassword_file = "{tmp_path}/pw"'
+    )
+    node = start_nodes(tmp_path, {"a": text}, started)["a"]
+    node.wait_line("fleet_connected.*listed from etcd")
+    mark = len(node.lines)
+    etcd.ctl("--user=root:rootpw", "put", "/lbtcp/overrides/app/s1", '{"admin": "disable"}')
+    node.wait_line(r"server_state.*server=s1.*disabled", 2, start=mark)
+    assert set(served_by(node, 4)) == {"s2"}
+    wait_until(
+        lambda: "/lbtcp/nodes/a" in etcd.get_prefix("/lbtcp/nodes/", "--user=root:rootpw"),
+        5,
+        "the registry entry, written with the token",
+    )
+    # The wrong password: a clear line, the file's config served, no crash.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "bad").write_text("nope\n")
+    wrong = Lbtcp(text.replace('node = "a"', 'node = "b"').replace("/pw", "/bad"), tmp_path / "b")
+    started.append(wrong)
+    line = wrong.wait_line("fleet_unreachable")
+    assert "authentication failed" in line
+    payload = b"still serving"
+    assert roundtrip(wrong.address(), payload) == payload

@@ -172,6 +172,15 @@ class EtcdClient:
     # --- watch -------------------------------------------------------------------------
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[KeyValue]]:
+        try:
+            async for batch in self._watch(prefix, start_revision):
+                yield batch
+        except EtcdError as exc:
+            if "token" in str(exc):
+                self._token = ""  # expired or revoked: log in again on the next try
+            raise
+
+    async def _watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[KeyValue]]:
         """The changes under ``prefix`` from ``start_revision`` on, one list per etcd
         response (an empty one first, once the watch is created). Raises Compacted if that
         revision is gone, EtcdError when the stream breaks. Ends only by raising (or by the
