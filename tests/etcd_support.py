@@ -27,12 +27,77 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def make_certs(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    folder.mkdir(exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    out = {name: folder / name for name in ("ca.pem", "ca.key", "server.pem", "server.key")}
+    out |= {"client.pem": folder / "client.pem", "client.key": folder / "client.key"}
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        str(out["ca.key"]),
+        "-out",
+        str(out["ca.pem"]),
+    )
+    for who, extra in (
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        csr = folder / f"{who}.csr"
+        ext = folder / f"{who}.ext"
+        ext.write_text(extra + "\n")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={who}",
+            "-keyout",
+            str(out[f"{who}.key"]),
+            "-out",
+            str(csr),
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(out["ca.pem"]),
+            "-CAkey",
+            str(out["ca.key"]),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(out[f"{who}.pem"]),
+        )
+    return out
+
+
 class Etcd:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, certs: dict[str, Path] | None = None) -> None:
         self.data_dir = data_dir
         self.client_port = _free_port()
         self.peer_port = _free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.certs = certs
+        scheme = "https" if certs else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.client_port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / "etcd.log"
 
@@ -50,6 +115,7 @@ class Etcd:
                     f"--listen-peer-urls={peer}",
                     f"--initial-advertise-peer-urls={peer}",
                     f"--initial-cluster=t={peer}",
+                    *self._tls_flags(),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -58,11 +124,31 @@ class Etcd:
         deadline = time.monotonic() + 20
         while True:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1).json().get("health") == "true":
+                answer = httpx.get(self.url + "/health", timeout=1, **self._httpx_tls())
+                if answer.json().get("health") == "true":
                     return
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise AssertionError("etcd did not start: " + self.log.read_text()[-2000:])
             time.sleep(0.05)
+
+    def _tls_flags(self) -> list[str]:
+        if not self.certs:
+            return []
+        return [
+            f"--cert-file={self.certs['server.pem']}",
+            f"--key-file={self.certs['server.key']}",
+            f"--trusted-ca-file={self.certs['ca.pem']}",
+            "--client-cert-auth",
+        ]
+
+    def _httpx_tls(self) -> dict[str, object]:
+        if not self.certs:
+            return {}
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.certs["ca.pem"]))
+        context.load_cert_chain(str(self.certs["client.pem"]), str(self.certs["client.key"]))
+        return {"verify": context}
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -73,7 +159,7 @@ class Etcd:
     def ctl(self, *args: str) -> str:
         assert ETCDCTL is not None
         done = subprocess.run(
-            [ETCDCTL, f"--endpoints={self.url}", *args],
+            [ETCDCTL, f"--endpoints={self.url}", *self._ctl_tls(), *args],
             capture_output=True,
             text=True,
             timeout=10,
@@ -81,6 +167,15 @@ class Etcd:
             check=True,
         )
         return done.stdout
+
+    def _ctl_tls(self) -> list[str]:
+        if not self.certs:
+            return []
+        return [
+            f"--cacert={self.certs['ca.pem']}",
+            f"--cert={self.certs['client.pem']}",
+            f"--key={self.certs['client.key']}",
+        ]
 
     def get_prefix(self, prefix: str, *options: str) -> dict[str, str]:
         lines = self.ctl(*options, "get", "--prefix", prefix).splitlines()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.etcd_support import CuttableProxy, Etcd, running_etcd
+from tests.etcd_support import CuttableProxy, Etcd, make_certs, running_etcd
 from tests.support import Backends, Lbtcp, closed_port, open_session, roundtrip, wait_until
 
 
@@ -492,3 +492,35 @@ def test_etcd_with_authentication(
     assert "authentication failed" in line
     payload = b"still serving"
     assert roundtrip(wrong.address(), payload) == payload
+
+
+def test_etcd_over_tls_with_a_client_certificate(
+    tmp_path: Path, backends: Backends, started: list[Lbtcp]
+) -> None:
+    certs = make_certs(tmp_path / "certs")
+    etcd = Etcd(tmp_path / "etcd-tls", certs)
+    etcd.start()
+    try:
+        servers = {"s1": backends.echo(), "s2": backends.echo()}
+        text = node_config(etcd.url, "a", servers).replace(
+            'timeout = "1s"',
+            f'timeout = "1s"\nca_file = "{certs["ca.pem"]}"\ncert_file = "{certs["client.pem"]}"'
+            f'\nkey_file = "{certs["client.key"]}"',
+        )
+        node = start_nodes(tmp_path, {"a": text}, started)["a"]
+        node.wait_line("fleet_connected.*listed from etcd")
+        mark = len(node.lines)
+        done = lbtcp_cli("drain", "app", "s1", "--fleet", "-c", str(tmp_path / "a" / "lbtcp.toml"))
+        assert done.returncode == 0, done.stderr
+        node.wait_line(r"server_state.*server=s1.*draining", 2, start=mark)
+        assert set(served_by(node, 4)) == {"s2"}
+        # Without the client certificate etcd refuses: one line, the file is served.
+        (tmp_path / "b").mkdir()
+        bare = text.replace('node = "a"', 'node = "b"')
+        bare = re.sub(r"cert_file = .*\n|key_file = .*\n", "", bare)
+        refused = Lbtcp(bare, tmp_path / "b")
+        started.append(refused)
+        refused.wait_line("fleet_unreachable.*at start")
+        assert roundtrip(refused.address(), b"file") == b"file"
+    finally:
+        etcd.kill()

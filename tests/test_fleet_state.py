@@ -203,3 +203,32 @@ def test_a_json_value_an_operator_writes_is_accepted() -> None:
     assert validate(parse_key(P, P + "pools/app/servers/v6"), raw) == ExtraServer(
         "[::1]:8080", 5, True
     )
+
+
+fleet_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 100000),
+    st.floats(allow_nan=True),
+    st.text(max_size=30),
+    st.lists(st.text(max_size=30), max_size=3),
+)
+FLEET_KEYS = ("etcd", "prefix", "node", "timeout", "lease_ttl", "username", "ca_file", "colour")
+
+
+@given(st.dictionaries(st.sampled_from(FLEET_KEYS), fleet_values, max_size=4))
+def test_any_fleet_table_parses_or_names_its_bad_keys(table: dict[str, object]) -> None:
+    import tomllib
+
+    data = tomllib.loads(BASE)
+    data["fleet"] = {k: v for k, v in table.items() if v is not None}
+    try:
+        config = parse_config(data)
+    except ConfigError as exc:
+        assert exc.errors
+        assert all(e.startswith("fleet") for e in exc.errors), exc.errors
+    else:
+        assert config.fleet is not None
+        assert config.fleet.prefix.startswith("/") and config.fleet.prefix.endswith("/")
+        assert config.fleet.etcd
+        assert 2 <= config.fleet.lease_ttl <= 3600

@@ -220,9 +220,10 @@ class Fleet:
                     f"ignored an invalid value in etcd: {update.message}",
                     key=update.key,
                 )
-            elif update.result == "applied":
+            elif update.result == "applied" and update.kind != "node":
+                # Other nodes' registry entries are news, not desired state: not counted.
                 self.updates["applied"] += 1
-                if log_applied and update.kind != "node":
+                if log_applied:
                     log.event(
                         "fleet_update",
                         "fleet: desired state changed",
