@@ -460,6 +460,16 @@ def test_local_and_fleet_precedence_stricter_admin_local_weight_wins(
         "admin": "enable",
         "weight": 9,
     }
+    # /status tells where the node stands with the fleet.
+    document = json.loads(lbtcp_cli("status", "--json", "--admin", admin).stdout)
+    assert document["fleet"]["node"] == "a"
+    assert document["fleet"]["connected"] is True
+    assert {"pool": "app", "server": "s1", "admin": "enabled", "weight": 9} in document["fleet"][
+        "overrides"
+    ]
+    assert {"pool": "app", "server": "s2", "admin": "disabled", "weight": None} in document[
+        "fleet"
+    ]["overrides"]
 
 
 def test_etcd_with_authentication(

@@ -146,7 +146,7 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
     live = live_bytes(
         session for listener in runtime.listeners.values() for session in listener.sessions
     )
-    return {
+    document = {
         "version": __version__,
         "pid": os.getpid(),
         "config": runtime.config.source,
@@ -156,3 +156,16 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         "listeners": [_listener(listener) for listener in runtime.listeners.values()],
         "pools": [_pool(pool, live, offset) for pool in runtime.pools.values()],
     }
+    fleet = runtime.fleet
+    if fleet is not None:  # only with [fleet]: without it the document is unchanged
+        document["fleet"] = {
+            "node": fleet.config.node,
+            "connected": fleet.connected,
+            "revision": fleet.revision,
+            "updates": dict(fleet.updates),
+            "overrides": [
+                {"pool": pool, "server": server, "admin": o.admin, "weight": o.weight}
+                for (pool, server), o in sorted(fleet.state.overrides().items())
+            ],
+        }
+    return document
