@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -534,3 +535,26 @@ def test_etcd_over_tls_with_a_client_certificate(
         assert roundtrip(refused.address(), b"file") == b"file"
     finally:
         etcd.kill()
+
+
+def test_etcd_made_anew_with_older_revisions_makes_the_node_list_again(
+    tmp_path: Path, etcd: Etcd, backends: Backends, started: list[Lbtcp]
+) -> None:
+    servers = {"s1": backends.echo(), "s2": backends.echo()}
+    for index in range(5):  # revisions the new store will not have
+        etcd.ctl("put", f"/elsewhere/{index}", "x")
+    etcd.ctl("put", "/lbtcp/overrides/app/s1", '{"admin": "drain"}')
+    node = start_nodes(tmp_path, {"a": node_config(etcd.url, "a", servers)}, started)["a"]
+    node.wait_line("fleet_connected")
+    assert set(served_by(node, 4)) == {"s2"}
+    etcd.kill()
+    node.wait_line("fleet_unreachable")
+    shutil.rmtree(etcd.data_dir)
+    mark = len(node.lines)
+    etcd.start()  # same address, an empty store at revision 1
+    node.wait_line("fleet_relist.*went back", 5, start=mark)
+    # The new store has no override: the drain is gone with it.
+    node.wait_line(r"server_state.*server=s1", 2, start=mark)
+    assert sorted(set(served_by(node, 4))) == ["s1", "s2"]
+    etcd.ctl("put", "/lbtcp/overrides/app/s2", '{"admin": "disable"}')
+    node.wait_line(r"server_state.*server=s2.*disabled", 1, start=mark)

@@ -38,6 +38,15 @@ class Compacted(EtcdError):
         self.compact_revision = compact_revision
 
 
+class Rewound(Compacted):
+    """etcd's revision is behind the one asked for: a store restored from a backup or made
+    anew. Watching on would wait for revisions that mean something else: list again."""
+
+    def __init__(self, revision: int) -> None:
+        EtcdError.__init__(self, f"etcd's revision went back to {revision}")
+        self.compact_revision = revision
+
+
 @dataclass(frozen=True, slots=True)
 class KeyValue:
     key: str
@@ -217,6 +226,10 @@ class EtcdClient:
                     compact = int(result.get("compact_revision", 0))
                     if compact:
                         raise Compacted(compact)
+                    if result.get("created"):
+                        current = int(result.get("header", {}).get("revision", 0))
+                        if current < start_revision - 1:
+                            raise Rewound(current)
                     if result.get("canceled"):
                         raise EtcdError(f"{url}: watch canceled: {result.get('cancel_reason')}")
                     events = result.get("events", [])

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from lbtcp import __version__
 from lbtcp.config import FleetConfig
 from lbtcp.events import Event, ServerAdded, ServerStateChanged
-from lbtcp.fleet.etcd import Compacted, EtcdClient, EtcdError, KeyValue
+from lbtcp.fleet.etcd import Compacted, EtcdClient, EtcdError, KeyValue, Rewound
 from lbtcp.fleet.state import (
     ADMIN_ACTION,
     FleetState,
@@ -180,9 +180,14 @@ class Fleet:
                     if batch:
                         self._on_batch(batch)
             except Compacted as exc:
+                why = (
+                    "etcd's revision went back (a restored or new store)"
+                    if isinstance(exc, Rewound)
+                    else "etcd compacted the revisions this node missed"
+                )
                 self.runtime.log.event(
                     "fleet_relist",
-                    "etcd compacted the revisions this node missed: listing the prefix again",
+                    f"{why}: listing the prefix again",
                     revision=self.state.revision,
                     compacted_to=exc.compact_revision,
                 )
