@@ -258,8 +258,9 @@ def test_garbage_under_the_prefix_is_logged_with_its_key_and_ignored(
     assert set(served_by(node, 6)) == {"s2", "s3"}  # s1 still drained, s9 never joined
     assert metric(node, 'lbtcp_fleet_updates_total{result="invalid"}') == 4
     assert metric(node, "lbtcp_fleet_connected") == 1
-    revision = int(json.loads(etcd.ctl("get", "/x", "-w", "json"))["header"]["revision"])
-    assert metric(node, "lbtcp_fleet_revision") == revision
+    # The revision of the last desired-state change (not of the registry's own writes).
+    answer = json.loads(etcd.ctl("get", "/lbtcp/pools/app/servers/s3", "-w", "json"))
+    assert metric(node, "lbtcp_fleet_revision") == int(answer["kvs"][0]["mod_revision"])
 
 
 def test_status_fleet_names_the_disagreeing_node_and_dead_nodes_leave_the_registry(
@@ -300,6 +301,11 @@ def test_status_fleet_names_the_disagreeing_node_and_dead_nodes_leave_the_regist
     before = mod_revisions()
     time.sleep(1.0)  # the time window observed, not a wait for something to start
     assert mod_revisions() == before
+    # Nodes do not watch each other's registry entries (only desired state): a's revision
+    # is still that of its listing, from before b and c wrote theirs.
+    current = int(json.loads(etcd.ctl("get", "/x", "-w", "json"))["header"]["revision"])
+    newest_entry = max(before.values())
+    assert metric(nodes["a"], "lbtcp_fleet_revision") < int(newest_entry) <= current
     # kill -9: the entry stays until its lease (3 s) expires, then goes.
     nodes["c"].proc.kill()
     killed = time.monotonic()

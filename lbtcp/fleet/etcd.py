@@ -152,6 +152,18 @@ class EtcdClient:
         revision = int(answer.get("header", {}).get("revision", 0))
         return [_key_value(kv, False) for kv in answer.get("kvs", [])], revision
 
+    async def list_ranges(self, ranges: list[tuple[str, str]]) -> tuple[list[KeyValue], int]:
+        """Every key of the ``[key, range_end)`` ranges, read at one revision (a txn)."""
+        ops = [{"request_range": {"key": _b64(key), "range_end": _b64(end)}} for key, end in ranges]
+        answer = await self.post("/v3/kv/txn", {"success": ops})
+        revision = int(answer.get("header", {}).get("revision", 0))
+        kvs = [
+            _key_value(kv, False)
+            for response in answer.get("responses", [])
+            for kv in response.get("response_range", {}).get("kvs", [])
+        ]
+        return kvs, revision
+
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Write ``key``; returns the revision of the write."""
         body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
@@ -180,17 +192,21 @@ class EtcdClient:
 
     # --- watch -------------------------------------------------------------------------
 
-    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[KeyValue]]:
+    async def watch(
+        self, key: str, range_end: str, start_revision: int
+    ) -> AsyncIterator[list[KeyValue]]:
         try:
-            async for batch in self._watch(prefix, start_revision):
+            async for batch in self._watch(key, range_end, start_revision):
                 yield batch
         except EtcdError as exc:
             if "token" in str(exc):
                 self._token = ""  # expired or revoked: log in again on the next try
             raise
 
-    async def _watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[KeyValue]]:
-        """The changes under ``prefix`` from ``start_revision`` on, one list per etcd
+    async def _watch(
+        self, key: str, range_end: str, start_revision: int
+    ) -> AsyncIterator[list[KeyValue]]:
+        """The changes in ``[key, range_end)`` from ``start_revision`` on, one list per etcd
         response (an empty one first, once the watch is created). Raises Compacted if that
         revision is gone, EtcdError when the stream breaks. Ends only by raising (or by the
         caller leaving it)."""
@@ -198,8 +214,8 @@ class EtcdClient:
             await self._authenticate()
         body = {
             "create_request": {
-                "key": _b64(prefix),
-                "range_end": _b64(prefix_end(prefix)),
+                "key": _b64(key),
+                "range_end": _b64(range_end),
                 "start_revision": str(start_revision),
             }
         }

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from lbtcp import __version__
 from lbtcp.config import FleetConfig
 from lbtcp.events import Event, ServerAdded, ServerStateChanged
-from lbtcp.fleet.etcd import Compacted, EtcdClient, EtcdError, KeyValue, Rewound
+from lbtcp.fleet.etcd import Compacted, EtcdClient, EtcdError, KeyValue, Rewound, prefix_end
 from lbtcp.fleet.state import (
     ADMIN_ACTION,
     FleetState,
@@ -49,6 +49,14 @@ RETRY_MAX = 1.0  # short: a node must resync within about a second of etcd's ret
 REGISTRY_DEBOUNCE = 0.1  # health changes within this are one registry write
 
 
+def desired_ranges(prefix: str) -> list[tuple[str, str]]:
+    """The prefix without its ``nodes/`` registry, as ``[key, range_end)`` ranges. Nodes do
+    not watch each other's registry entries: with 100 nodes each rewriting a 180 KB entry,
+    every node would receive all of them; only ``lbtcp status --fleet`` reads them."""
+    nodes = prefix + "nodes/"
+    return [(prefix, nodes), (prefix_end(nodes), prefix_end(prefix))]
+
+
 class Fleet:
     """The fleet side of one runtime."""
 
@@ -66,6 +74,10 @@ class Fleet:
         # or its etcd entry's), by pool: what a deleted weight override falls back to.
         self._base_weight: dict[str, dict[str, int]] = {}
         self.lease = 0
+        self.ranges = desired_ranges(config.prefix)
+        # Per watched range, the revision it has delivered up to: each resumes from its own.
+        self._seen = [0] * len(self.ranges)
+        self._listed_at = 0  # events at or before the last listing are in it already
         self.started_at = time.time()
         self._ever_connected = False
         self._said_down = False
@@ -148,8 +160,10 @@ class Fleet:
     async def _list(self) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        items, revision = await self.client.list_prefix(self.config.prefix)
+        items, revision = await self.client.list_ranges(self.ranges)
         listed = loop.time()
+        self._seen = [revision] * len(self.ranges)
+        self._listed_at = revision
         updates = self.state.load(((kv.key, kv.value or b"") for kv in items), revision)
         self._account(updates, log_applied=False)
         self._apply_pools({u.pool for u in updates if u.pool and u.result == "applied"}, True)
@@ -173,12 +187,19 @@ class Fleet:
                     # httpx's timeout, and a large prefix may take longer than one of them.
                     await self._list()
                     must_list = False
-                async for batch in self.client.watch(self.config.prefix, self.state.revision + 1):
-                    delay = RETRY_MIN
-                    if not self.connected:
-                        self._came_back("watch resumed")
-                    if batch:
-                        self._on_batch(batch)
+                watches = [
+                    asyncio.ensure_future(self._watch_range(index))
+                    for index in range(len(self.ranges))
+                ]
+                try:
+                    # Both run until one fails; then both restart, each from its revision.
+                    done, _ = await asyncio.wait(watches, return_when=asyncio.FIRST_EXCEPTION)
+                finally:
+                    for task in watches:
+                        task.cancel()
+                    await asyncio.gather(*watches, return_exceptions=True)
+                for task in done:
+                    task.result()  # raises what ended it
             except Compacted as exc:
                 why = (
                     "etcd's revision went back (a restored or new store)"
@@ -193,12 +214,23 @@ class Fleet:
                 )
                 must_list = True
             except (EtcdError, asyncio.TimeoutError) as exc:
+                if self.connected:
+                    delay = RETRY_MIN  # it worked until now: the first retry comes soon
                 self._went_down(exc if isinstance(exc, EtcdError) else "no answer in time")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
             except Exception as exc:  # a bug must not take the node down; retry
                 self.runtime._loop_exception("fleet watch failed", exc)
                 await asyncio.sleep(RETRY_MAX)
+
+    async def _watch_range(self, index: int) -> None:
+        key, end = self.ranges[index]
+        async for batch in self.client.watch(key, end, self._seen[index] + 1):
+            if not self.connected:
+                self._came_back("watch resumed")
+            if batch:
+                self._seen[index] = max(self._seen[index], *(kv.mod_revision for kv in batch))
+                self._on_batch([kv for kv in batch if kv.mod_revision > self._listed_at])
 
     def _on_batch(self, batch: list[KeyValue]) -> None:
         updates = [self.state.apply(kv.key, kv.value, kv.mod_revision) for kv in batch]
