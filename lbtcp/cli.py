@@ -189,6 +189,8 @@ def status(
     if fleet:
         from lbtcp.fleet import commands
 
+        if watch:
+            raise click.UsageError("--fleet and --watch do not go together")
         try:
             document = commands.status(_fleet_config(config))
         except commands.FleetCommandError as exc:

@@ -564,3 +564,25 @@ def test_etcd_made_anew_with_older_revisions_makes_the_node_list_again(
     assert sorted(set(served_by(node, 4))) == ["s1", "s2"]
     etcd.ctl("put", "/lbtcp/overrides/app/s2", '{"admin": "disable"}')
     node.wait_line(r"server_state.*server=s2.*disabled", 1, start=mark)
+
+
+def test_fleet_commands_fail_with_one_clear_line(tmp_path: Path) -> None:
+    without = tmp_path / "plain.toml"
+    without.write_text(
+        '[listeners.web]\nbind = "127.0.0.1:0"\npool = "app"\n[pools.app]\n'
+        '[[pools.app.servers]]\naddress = "127.0.0.1:9"\n'
+    )
+    done = lbtcp_cli("drain", "app", "s1", "--fleet")
+    assert done.returncode == 2 and "--fleet needs -c CONFIG" in done.stderr
+    done = lbtcp_cli("drain", "app", "s1", "--fleet", "-c", str(without))
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"lbtcp: {without} has no [fleet] table"
+    down = tmp_path / "down.toml"
+    down.write_text(node_config(f"http://127.0.0.1:{closed_port()}", "a", {"s1": 9}))
+    for args in (("weight", "app", "s1", "3"), ("status",)):
+        done = lbtcp_cli(*args, "--fleet", "-c", str(down))
+        assert done.returncode == 1, done
+        assert done.stderr.startswith("lbtcp: etcd: ") and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    done = lbtcp_cli("status", "--fleet", "--watch", "-c", str(down))
+    assert done.returncode == 2 and "do not go together" in done.stderr
