@@ -1,8 +1,9 @@
 """A node of the fleet: list and watch the prefix, apply it to the runtime, keep the registry.
 
-Theory of operation. ``Fleet.start`` lists the prefix once (bounded by ``[fleet] timeout``: a
-start never waits longer for etcd; unreachable, the node serves its file and says so once),
-then one task watches from the listed revision + 1. Each batch of watch events goes through
+Theory of operation. ``Fleet.start`` lists the prefix once, except its ``nodes/`` registry
+(``desired_ranges``; bounded by ``[fleet] timeout``: a start never waits longer for etcd;
+unreachable, the node serves its file and says so once), then one task watches the same two
+ranges from the listed revision + 1, each resuming from the revision it delivered. Each batch of watch events goes through
 ``FleetState`` (validation, last valid value kept) and then to the runtime through the paths
 reload and the admin API use: ``Pool.set_servers`` (a server that stays keeps its health),
 ``Pool.admin`` and the balancer update of a weight change. A broken stream is resumed from the
