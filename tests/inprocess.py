@@ -78,6 +78,12 @@ def run(coro: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
                 server = _SERVERS.pop()
                 server.close()
                 await server.wait_closed()
+            for _ in range(100):  # bounded: abort() loses the connection on the next turn
+                if not _CONNECTIONS:
+                    break
+                for transport in list(_CONNECTIONS):
+                    transport.abort()
+                await asyncio.sleep(0.01)
 
     result = uvloop.run(main()) if loop == "uvloop" else asyncio.run(main())
     assert not errors, f"the loop's exception handler was called: {errors}"
@@ -105,6 +111,7 @@ class Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        _CONNECTIONS.add(self.transport)
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)
@@ -112,8 +119,14 @@ class Echo(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False  # close after flushing: the client reads EOF
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        _CONNECTIONS.discard(self.transport)
+
 
 _SERVERS: list[asyncio.AbstractServer] = []
+# Echo connections still open when a test ends: ``run`` aborts them before the loop closes,
+# or the GC finds them in a later test ("unclosed transport", an error under pytest).
+_CONNECTIONS: set[asyncio.Transport] = set()
 
 
 async def echo_server() -> tuple[asyncio.AbstractServer, int]:

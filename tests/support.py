@@ -112,7 +112,6 @@ class Echo(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.owner.accepted[self.port_box[0]] += 1
-        self.owner.transports.add(transport)
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -121,9 +120,6 @@ class Echo(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False  # the loop closes the transport after flushing: the client sees EOF
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.owner.transports.discard(self.transport)  # type: ignore[arg-type]
-
     def pause_writing(self) -> None:
         assert self.transport is not None
         self.transport.pause_reading()
@@ -131,6 +127,43 @@ class Echo(asyncio.Protocol):
     def resume_writing(self) -> None:
         assert self.transport is not None
         self.transport.resume_reading()
+
+
+class Tracked(asyncio.Protocol):
+    """Hands every callback to a test's own protocol and keeps the transport in
+    ``Backends.transports`` until it is lost, whatever the protocol is (a recording server,
+    a streams handler), so that ``Backends.close()`` can abort every server connection. A
+    transport left open when the loop closes is collected later, in some other test, whose
+    run then fails with "unclosed transport" (ResourceWarning, filterwarnings=error)."""
+
+    def __init__(self, owner: Backends, inner: asyncio.Protocol) -> None:
+        self.owner = owner
+        self.inner = inner
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The loop calls this once the accepted socket has its transport."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.owner.transports.add(transport)
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The loop calls this once, when the transport is closed or aborted."""
+        self.owner.transports.discard(self.transport)  # type: ignore[arg-type]
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
 
 
 class Backends:
@@ -152,7 +185,7 @@ class Backends:
 
         async def make() -> asyncio.AbstractServer:
             return await self.loop.create_server(
-                lambda: factory(box), "127.0.0.1", port, reuse_address=True
+                lambda: Tracked(self, factory(box)), "127.0.0.1", port, reuse_address=True
             )
 
         server = self.call(make())
@@ -167,15 +200,11 @@ class Backends:
         self,
         handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]],
     ) -> int:
-        """A streams-API server running ``handler`` per connection."""
-
-        async def make() -> asyncio.AbstractServer:
-            return await asyncio.start_server(handler, "127.0.0.1", 0)
-
-        server = self.call(make())
-        port = int(server.sockets[0].getsockname()[1])
-        self.servers[port] = server
-        return port
+        """A streams-API server running ``handler`` per connection (as ``start_server``
+        builds it, but through ``start`` so that its connections are tracked too)."""
+        return self.start(
+            lambda _box: asyncio.StreamReaderProtocol(asyncio.StreamReader(), handler)
+        )
 
     def stop(self, port: int) -> None:
         server = self.servers.pop(port)
@@ -190,9 +219,27 @@ class Backends:
             self.stop(port)
 
         async def abort_all() -> None:
+            # A connection accepted just before its server closed gets its transport a loop
+            # turn or two later (in an accept task), and a streams handler may still run: abort
+            # until no transport and no other task is left, then cancel what still runs.
+            current = asyncio.current_task()
+            deadline = self.loop.time() + 2.0
+            while True:
+                for transport in list(self.transports):
+                    transport.abort()
+                await asyncio.sleep(0.01)
+                others = [task for task in asyncio.all_tasks() if task is not current]
+                if not self.transports and not others:
+                    return
+                if self.loop.time() > deadline:
+                    break
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
             for transport in list(self.transports):
                 transport.abort()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
+            assert not self.transports, f"server transports still open: {self.transports}"
 
         self.call(abort_all())
         self.loop.call_soon_threadsafe(self.loop.stop)
