@@ -3,8 +3,9 @@
 Theory of operation. ``Fleet.start`` lists the prefix once, except its ``nodes/`` registry
 (``desired_ranges``; bounded by ``[fleet] timeout``: a start never waits longer for etcd;
 unreachable, the node serves its file and says so once), then one task watches the same two
-ranges from the listed revision + 1, each resuming from the revision it delivered. Each batch of watch events goes through
-``FleetState`` (validation, last valid value kept) and then to the runtime through the paths
+ranges from the listed revision + 1, each resuming from the revision it delivered. Each batch
+of watch events goes through ``FleetState`` (validation, last valid value kept) and then to the
+runtime through the paths
 reload and the admin API use: ``Pool.set_servers`` (a server that stays keeps its health),
 ``Pool.admin`` and the balancer update of a weight change. A broken stream is resumed from the
 last revision seen; a compacted one is listed again. etcd going away and coming back are one
