@@ -267,6 +267,20 @@ class Listener:
         """Called by ``HeaderReader`` once per trusted client closed for its header (``PP``)."""
         self.connections_total += 1
         self.refused["proxy_protocol"] += 1
+        self._access_without_server(peer, started_at, received, TERM_PROXY_PROTOCOL, reason=why)
+
+    def inspect_abandoned(self, peer: tuple[str, int], started_at: float) -> None:
+        """Called by ``HeaderReader`` for a client lost (reset) before its ClientHello was
+        read: counted and logged like a plain client that left before its server was
+        chosen."""
+        self.connections_total += 1
+        self._access_without_server(peer, started_at, 0, "--", sni="-", alpn="-")
+
+    def _access_without_server(
+        self, peer: tuple[str, int], started_at: float, received: int, term: str, **more: object
+    ) -> None:
+        """The access line of a client closed by ``HeaderReader`` before a server was chosen
+        (no server, no connect time, nothing sent); ``more`` are the fields after ``term``."""
         log = self.log
         if log.access_enabled:
             log.access(
@@ -278,29 +292,8 @@ class Listener:
                 duration_ms=round((monotonic() - started_at) * 1000.0, 3),
                 bytes_in=received,
                 bytes_out=0,
-                term=TERM_PROXY_PROTOCOL,
-                reason=why,
-            )
-
-    def inspect_abandoned(self, peer: tuple[str, int], started_at: float) -> None:
-        """Called by ``HeaderReader`` for a client lost (reset) before its ClientHello was
-        read: counted and logged like a plain client that left before its server was
-        chosen."""
-        self.connections_total += 1
-        log = self.log
-        if log.access_enabled:
-            log.access(
-                listener=self.name,
-                client=format_address(*peer),
-                pool=self.pool.name,
-                server="-",
-                connect_ms=-1,
-                duration_ms=round((monotonic() - started_at) * 1000.0, 3),
-                bytes_in=0,
-                bytes_out=0,
-                term="--",
-                sni="-",
-                alpn="-",
+                term=term,
+                **more,
             )
 
     def _refuse(self, session: Session, reason: str, term: str) -> None:
