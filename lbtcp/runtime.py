@@ -327,6 +327,19 @@ class Runtime:
         for listener in [*self.listeners.values(), *self.retired]:
             listener.close_sessions(TERM_SHUTDOWN)
 
+    async def _abandon_start(self) -> int:
+        """A start that failed after binding (a port in use, a privilege drop refused): undo
+        what was started, so nothing outlives the exit, and give the exit code (1)."""
+        for listener in self.listeners.values():
+            listener.stop_accepting()
+        if self.admin is not None:
+            self.admin.close()
+        if self.discovery is not None:  # always built by then; the type allows None
+            await self.discovery.close()
+        if self.fleet is not None:
+            await self.fleet.close()
+        return 1
+
     async def run(self) -> int:
         """Serve until a stop signal. Returns the exit code."""
         # Wall clock, for uptime and /status; the start is the first successful config load.
@@ -367,28 +380,14 @@ class Runtime:
         except (BindError, OSError) as exc:
             message = str(exc) if isinstance(exc, BindError) else exc.strerror or str(exc)
             self.log.event("error", f"cannot listen: {message}", error=str(exc))
-            for listener in self.listeners.values():
-                listener.stop_accepting()
-            if self.admin is not None:
-                self.admin.close()
-            await self.discovery.close()
-            if self.fleet is not None:
-                await self.fleet.close()
-            return 1
+            return await self._abandon_start()
         for listener in self.listeners.values():
             for address in listener.addresses:
                 self.log.event(
                     "listening", listener=listener.name, address=address, pool=listener.pool.name
                 )
         if not self._drop_privileges():
-            for listener in self.listeners.values():
-                listener.stop_accepting()
-            if self.admin is not None:
-                self.admin.close()
-            await self.discovery.close()
-            if self.fleet is not None:
-                await self.fleet.close()
-            return 1
+            return await self._abandon_start()
         self.start_health()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "drain")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "now")
