@@ -277,58 +277,35 @@ def _change(
     click.echo(line)
 
 
-@main.command()
-@click.argument("pool")
-@click.argument("server")
-@_admin_options
-@_fleet_option
-def drain(
-    pool: str,
-    server: str,
-    admin: Endpoint | None,
-    config: str | None,
-    token: str | None,
-    timeout: float,
-    fleet: bool,
-) -> None:
-    """Drain SERVER of POOL: no new sessions; live ones and probes go on."""
-    _change("drain", pool, server, 0, (admin, config, token, timeout), fleet)
+def _state_command(action: str, doc: str) -> click.Command:
+    """``drain``, ``enable`` and ``disable``: the same arguments and options, one action each
+    (``weight`` adds its N)."""
+
+    def command(
+        pool: str,
+        server: str,
+        admin: Endpoint | None,
+        config: str | None,
+        token: str | None,
+        timeout: float,
+        fleet: bool,
+    ) -> None:
+        _change(action, pool, server, 0, (admin, config, token, timeout), fleet)
+
+    command.__doc__ = doc
+    # The decorators in the order ``@main.command() @argument("pool") @argument("server")
+    # @_admin_options @_fleet_option`` apply them, so the help and parameter order stay.
+    with_options = _admin_options(_fleet_option(command))
+    return main.command(name=action)(click.argument("pool")(click.argument("server")(with_options)))
 
 
-@main.command()
-@click.argument("pool")
-@click.argument("server")
-@_admin_options
-@_fleet_option
-def enable(
-    pool: str,
-    server: str,
-    admin: Endpoint | None,
-    config: str | None,
-    token: str | None,
-    timeout: float,
-    fleet: bool,
-) -> None:
-    """Enable SERVER of POOL: back in rotation after drain or disable."""
-    _change("enable", pool, server, 0, (admin, config, token, timeout), fleet)
-
-
-@main.command()
-@click.argument("pool")
-@click.argument("server")
-@_admin_options
-@_fleet_option
-def disable(
-    pool: str,
-    server: str,
-    admin: Endpoint | None,
-    config: str | None,
-    token: str | None,
-    timeout: float,
-    fleet: bool,
-) -> None:
-    """Disable SERVER of POOL: out of rotation, not probed; live sessions go on."""
-    _change("disable", pool, server, 0, (admin, config, token, timeout), fleet)
+drain = _state_command(
+    "drain", "Drain SERVER of POOL: no new sessions; live ones and probes go on."
+)
+enable = _state_command("enable", "Enable SERVER of POOL: back in rotation after drain or disable.")
+disable = _state_command(
+    "disable", "Disable SERVER of POOL: out of rotation, not probed; live sessions go on."
+)
 
 
 @main.command()
