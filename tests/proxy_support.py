@@ -4,10 +4,10 @@ PROXY header, and small client helpers."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import cast
 
 from lbtcp.proxy_protocol import Done, Invalid, parse
+from tests.support import roundtrip
 
 
 class Recorder(asyncio.Protocol):
@@ -49,33 +49,5 @@ def header_of(data: bytes | bytearray) -> Done:
     return verdict
 
 
-def exchange(
-    address: tuple[str, int],
-    payload: bytes,
-    *,
-    source: str | None = None,
-    timeout: float = 5.0,
-) -> bytes:
-    """Send ``payload`` (from ``source``, a 127.x address, if given), half-close, and read
-    to EOF; a reset reads as b"" (a refused client)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        if source is not None:
-            sock.bind((source, 0))
-        sock.connect(address)
-        chunks = []
-        try:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except (ConnectionResetError, BrokenPipeError):
-            return b""
-        except OSError as exc:
-            if exc.errno != 107:  # ENOTCONN: shutdown() after lbtcp already closed
-                raise
-            return b""
-        return b"".join(chunks)
-    finally:
-        sock.close()
+# The PROXY tests' name for it (they pass source= to be seen as another client).
+exchange = roundtrip

@@ -35,11 +35,15 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str =
         time.sleep(0.005)
 
 
-def roundtrip(address: tuple[str, int], payload: bytes, timeout: float = 5.0) -> bytes:
-    """Send ``payload``, half-close, and read until EOF. A reset reads as b"": a client that
-    lbtcp closes with bytes still unread in its socket gets an RST from the kernel instead of
-    a FIN, so either means "refused" to the tests."""
-    with socket.create_connection(address, timeout=timeout) as sock:
+def roundtrip(
+    address: tuple[str, int], payload: bytes, timeout: float = 5.0, *, source: str | None = None
+) -> bytes:
+    """Send ``payload`` (from ``source``, a 127.x address, if given), half-close, and read
+    until EOF. A reset reads as b"": a client that lbtcp closes with bytes still unread in its
+    socket gets an RST from the kernel instead of a FIN, so either means "refused" to the
+    tests."""
+    bind = None if source is None else (source, 0)
+    with socket.create_connection(address, timeout=timeout, source_address=bind) as sock:
         chunks = []
         try:
             sock.sendall(payload)
