@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import uvloop
 
 from lbtcp.addresses import parse_cidr
 from lbtcp.config import ListenerConfig, PoolConfig, ServerConfig
@@ -18,24 +17,10 @@ from lbtcp.listener import Listener
 from lbtcp.log import Log
 from lbtcp.pool import Pool
 from lbtcp.proxy_protocol import Done, encode_v1, encode_v2, parse
+from tests import loops
 from tests.proxy_support import Recorder
 
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any, None]], None]]:
-    loop = LOOPS[request.param]()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-
-    def run_coro(coro: Coroutine[Any, Any, None]) -> None:
-        loop.run_until_complete(asyncio.wait_for(coro, 60))
-
-    yield run_coro
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()
-    assert not errors, f"the loop's exception handler was called: {errors}"
+run = loops.run  # the fixture: each test on asyncio and on uvloop
 
 
 async def setup(

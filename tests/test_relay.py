@@ -12,35 +12,17 @@ import io
 import os
 import socket
 import struct
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable
 from typing import Any
-
-import pytest
-import uvloop
 
 from lbtcp.config import ListenerConfig, PoolConfig, ServerConfig
 from lbtcp.listener import Listener
 from lbtcp.log import Log
 from lbtcp.pool import Pool
+from tests import loops
 from tests.support import blackhole
 
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any, None]], None]]:
-    loop = LOOPS[request.param]()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-
-    def run_coro(coro: Coroutine[Any, Any, None]) -> None:
-        loop.run_until_complete(asyncio.wait_for(coro, 60))
-
-    yield run_coro
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()
-    assert not errors, f"the loop's exception handler was called: {errors}"
-
+run = loops.run  # the fixture: each test on asyncio and on uvloop
 
 # Server-side connections of echo_server() still open: lbtcp must leave none behind.
 OPEN_SERVER_SIDE: set[asyncio.BaseTransport] = set()
