@@ -13,6 +13,7 @@ import dataclasses
 import grp
 import ipaddress
 import math
+import os
 import pwd
 import re
 import sys
@@ -330,15 +331,17 @@ def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
     return convert
 
 
+MAX_WORKERS = 256
+
+
 def _workers(value: object) -> int:
+    """A count 1..256, or "auto": one per CPU this process may run on (its affinity mask,
+    so that taskset and cgroup cpusets are honoured), capped at MAX_WORKERS."""
     if value == "auto":
-        raise ValueError(
-            "'auto' is not supported yet: lbtcp runs one process for now (workers = 1)"
-        )
-    count = _int_in(1)(value)
-    if count != 1:
-        raise ValueError(f"{count} workers: only workers = 1 is supported for now")
-    return count
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    if isinstance(value, str):
+        raise ValueError(f"{value!r} is neither a number of workers (1..256) nor 'auto'")
+    return _int_in(1, MAX_WORKERS)(value)
 
 
 def _cidr_list(reader: _Reader, key: str) -> tuple[Network, ...]:

@@ -48,14 +48,17 @@ TERM_PROXY_PROTOCOL = "PP"
 REFUSAL_REASONS = ("no_healthy", "acl", "limit", "proxy_protocol")
 
 
-def bind_socket(address: str, backlog: int) -> socket.socket:
-    """A listening TCP socket for ``IP:PORT`` or ``[IPv6]:PORT``."""
+def bind_socket(address: str, backlog: int, *, reuseport: bool = False) -> socket.socket:
+    """A listening TCP socket for ``IP:PORT`` or ``[IPv6]:PORT``; ``reuseport``: one of
+    several sockets on the address, one per worker (SO_REUSEPORT)."""
     endpoint = parse_endpoint(address, allow_names=False)
     family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only when it is given.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # "[::]:80" means IPv6 only; list "0.0.0.0:80" too for both, as nginx does.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

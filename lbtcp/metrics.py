@@ -106,6 +106,10 @@ def families(runtime: Runtime) -> list[Family]:
     out += _config_families(runtime)
     if runtime.fleet is not None:
         out += _fleet_families(runtime)
+    # workers > 1: the parent's own families (lbtcp.workers.supervisor.ControlRuntime).
+    worker_families = getattr(runtime, "worker_families", None)
+    if worker_families is not None:
+        out += worker_families()
     build = Family("lbtcp_build_info", "gauge", "lbtcp's version (always 1)", ("version",))
     build.samples.append(((__version__,), 1))
     out.append(build)

@@ -75,6 +75,9 @@ class BindError(Exception):
 class Runtime:
     """One lbtcp process: its pools, listeners and the stop logic."""
 
+    # With workers > 1 the parent's listeners only hold the sockets (lbtcp.workers.supervisor).
+    listener_type: type[Listener] = Listener
+
     def __init__(self, config: Config, log: Log | None = None) -> None:
         self.config = config
         self.log = log or Log(config.global_.log_format, config.global_.access_log)
@@ -115,7 +118,7 @@ class Runtime:
         for name, pool_config in self.config.pools.items():
             self.pools[name] = Pool.from_config(pool_config, now=loop.time())
         for name, listener_config in self.config.listeners.items():
-            self.listeners[name] = Listener(
+            self.listeners[name] = self.listener_type(
                 listener_config,
                 self.pools[listener_config.pool],
                 self.log,
@@ -389,6 +392,7 @@ class Runtime:
         if not self._drop_privileges():
             return await self._abandon_start()
         self.start_health()
+        await self._start_data_plane()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "drain")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "now")
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -502,7 +506,7 @@ class Runtime:
                 else:
                     backlog = (config or self.config).listeners[listener].backlog
                     try:
-                        group = [bind_socket(bind, backlog)]
+                        group = self._bind_group(bind, backlog)
                     except OSError as exc:
                         raise BindError(f"{where}: {exc.strerror or exc}") from None
                     opened.extend(group)
@@ -512,6 +516,16 @@ class Runtime:
                 sock.close()
             raise
         return result
+
+    def _bind_group(self, bind: str, backlog: int) -> list[socket.socket]:
+        """The sockets of one bind string: one here; one per worker with workers > 1."""
+        return [bind_socket(bind, backlog)]
+
+    async def _start_data_plane(self) -> None:
+        """With workers > 1: start the workers (once bound and privileges dropped)."""
+
+    async def _stop_data_plane(self, loop: asyncio.AbstractEventLoop) -> None:
+        """With workers > 1: stop the workers (they drain) and wait for the last one."""
 
     async def _stop(self, loop: asyncio.AbstractEventLoop) -> None:
         grace = self.config.global_.shutdown_grace
@@ -529,6 +543,7 @@ class Runtime:
         self._cancel_timers()
         for listener in self.listeners.values():
             listener.stop_accepting()
+        await self._stop_data_plane(loop)
         self.stop_health()
         if self.discovery is not None:
             await self.discovery.close()
@@ -854,7 +869,7 @@ class Runtime:
                 await listener.add_sockets(bound[lchange.name])
         for name in plan.listeners_added:
             listener_config = config.listeners[name]
-            listener = Listener(
+            listener = self.listener_type(
                 listener_config,
                 self.pools[listener_config.pool],
                 self.log,
@@ -959,7 +974,13 @@ def serve(config: Config) -> int:
     """Run lbtcp on uvloop until stopped; returns the process exit code."""
     import uvloop
 
-    runtime = Runtime(config)
+    runtime: Runtime
+    if config.global_.workers > 1:
+        from lbtcp.workers.supervisor import ControlRuntime
+
+        runtime = ControlRuntime(config)
+    else:
+        runtime = Runtime(config)
     try:
         return uvloop.run(runtime.run())
     except KeyboardInterrupt:  # pragma: no cover - SIGINT before the handler was installed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,9 @@ def test_every_error_is_listed_at_once() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("workers", 4, "only workers = 1 is supported for now"),
+        ("workers", 257, "257 is out of range (1..256)"),
+        ("workers", 0, "0 is out of range (1..256)"),
+        ("workers", "many", "is neither a number of workers (1..256) nor 'auto'"),
         ("drain_timeout", "5 parsecs", "is not a duration"),
         ("access_log", "yes", "expected true or false"),
     ],
@@ -86,6 +89,12 @@ def test_global_values(key: str, value: object, message: str) -> None:
     assert len(errors) == 1
     assert errors[0].startswith(f"global.{key}: ")
     assert message in errors[0]
+
+
+def test_workers_count_and_auto() -> None:
+    assert parse_config(minimal(**{"global": {"workers": 4}})).global_.workers == 4
+    auto = parse_config(minimal(**{"global": {"workers": "auto"}})).global_.workers
+    assert auto == min(256, len(os.sched_getaffinity(0)))
 
 
 def test_duplicate_server_names_and_banner_without_text() -> None:

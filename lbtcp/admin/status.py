@@ -168,4 +168,8 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
                 for (pool, server), o in sorted(fleet.state.overrides().items())
             ],
         }
+    # workers > 1: each worker's pid and live sessions (lbtcp.workers.supervisor).
+    workers_info = getattr(runtime, "workers_info", None)
+    if workers_info is not None:
+        document["workers"] = workers_info()
     return document
