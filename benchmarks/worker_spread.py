@@ -66,9 +66,7 @@ async def load(port: int, connections: int, parallel: int, workers: int) -> list
 
     async def one() -> None:
         async with gate:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port), 5
-            )
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
             writer.write(b"x")
             answer = await asyncio.wait_for(reader.read(1), 5)
             counts[answer[0]] += 1

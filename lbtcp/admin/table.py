@@ -226,6 +226,17 @@ def _header_line(doc: Mapping[str, Any]) -> Text:
     return line
 
 
+def _workers_line(workers: Sequence[Mapping[str, Any]]) -> Text:
+    """workers > 1: each worker's pid, live sessions, and state when not plainly serving."""
+    line = Text()
+    line.append(f"workers {len(workers)}:", style="bold")
+    for worker in workers:
+        state = _str(worker.get("state"))
+        line.append(f" {_int_text(worker.get('pid'))} ({_int_text(worker.get('active'))} active")
+        line.append(f", {state})" if state != "serving" else ")")
+    return line
+
+
 def status_table(doc: Mapping[str, Any], now: float) -> Table:
     """One row per server, pools in config order, the pool named on its first row only."""
     # One space between columns and none at the edges: the table has ten columns and should
@@ -267,6 +278,8 @@ def status_table(doc: Mapping[str, Any], now: float) -> Table:
 def render_status(doc: Mapping[str, Any], now: float) -> RenderableType:
     """The whole ``lbtcp status`` screen for one document, as of wall-clock ``now``."""
     lines: list[RenderableType] = [_header_line(doc)]
+    if "workers" in doc:
+        lines.append(_workers_line(_items(doc.get("workers"))))
     lines.extend(_listener_line(listener) for listener in _items(doc.get("listeners")))
     lines.append(Text(""))
     lines.append(status_table(doc, now))

@@ -294,6 +294,16 @@ class WorkerRuntime(Runtime):
         await self._stop_requested.wait()
         for listener in self.listeners.values():
             listener.stop_accepting()
+        if self.active_sessions and not self._parent_gone and self._stop_mode == "drain":
+            self.log.event(
+                "drain",
+                "worker retiring (a reload replaced it): waiting for its live sessions"
+                if self._retiring
+                else "stopped accepting; waiting for live sessions",
+                worker=os.getpid(),
+                sessions=self.active_sessions,
+                timeout_s="none" if self._retiring else self.config.global_.drain_timeout,
+            )
         if not self._parent_gone:
             await self._drain(loop)
         self._close_all()
