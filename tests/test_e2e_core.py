@@ -265,11 +265,12 @@ def test_acl_and_per_source_limit(start_lbtcp: StartLbtcp, backends: Backends) -
     wait_until(lambda: roundtrip(limited.address(), b"y") == b"y", 5, "the slot to free up")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_drains_live_session_and_refuses_new(
-    start_lbtcp: StartLbtcp, backends: Backends
+    start_lbtcp: StartLbtcp, backends: Backends, workers: int
 ) -> None:
     port = backends.echo()
-    lb = start_lbtcp(config([port], global_extra='drain_timeout = "10s"'))
+    lb = start_lbtcp(config([port], global_extra=f'drain_timeout = "10s"\nworkers = {workers}'))
     address = lb.address()
     live = open_session(address, b"before")
     lb.signal(signal.SIGTERM)
@@ -289,11 +290,12 @@ def test_sigterm_drains_live_session_and_refuses_new(
     assert lb.matching(r"term=--")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_closes_sessions_left_after_drain_timeout(
-    start_lbtcp: StartLbtcp, backends: Backends
+    start_lbtcp: StartLbtcp, backends: Backends, workers: int
 ) -> None:
     port = backends.echo()
-    lb = start_lbtcp(config([port], global_extra='drain_timeout = "300ms"'))
+    lb = start_lbtcp(config([port], global_extra=f'drain_timeout = "300ms"\nworkers = {workers}'))
     live = open_session(lb.address(), b"x")
     lb.signal(signal.SIGTERM)
     assert lb.wait(10) == 0

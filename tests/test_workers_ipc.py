@@ -3,6 +3,7 @@ kind dropped with a reason, never a crash and never an allocation of an oversize
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from typing import Any
@@ -70,15 +71,15 @@ def test_random_bytes_never_crash_the_decoder(data: bytes, cuts: list[int]) -> N
     for frame in frames:
         assert frame.kind in set(Kind)
         assert len(frame.payload) <= 512
-        try:
+        with contextlib.suppress(IpcError):  # bytes that are a frame but not JSON
             decode_json(frame)
-        except IpcError:
-            pass
     assert decoder.errors_total == len(errors)
 
 
 @given(st.lists(messages, min_size=1, max_size=5), st.integers(1, 200))
-def test_a_truncated_stream_yields_only_whole_frames(sent: list[tuple[Kind, Any]], cut: int) -> None:
+def test_a_truncated_stream_yields_only_whole_frames(
+    sent: list[tuple[Kind, Any]], cut: int
+) -> None:
     stream = b"".join(encode(kind, message) for kind, message in sent)
     cut = min(cut, len(stream) - 1)
     decoder = FrameDecoder()
