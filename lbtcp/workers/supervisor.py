@@ -306,6 +306,7 @@ class ControlRuntime(Runtime):
         The failure counters are the workers' own (STATS): kept as they are here."""
         assert self._loop is not None
         now = self._loop.time()
+        flipped = False
         for pool_name, server_name, ok, kind, count in results:
             pool = self.pools.get(pool_name)
             server = pool.servers.get(server_name) if pool is not None else None
@@ -317,6 +318,7 @@ class ControlRuntime(Runtime):
                 server.connect_timeouts,
                 server.connect_other,
             )
+            failing = self._failing(pool, server)
             # A run of successes resets the failure count once as well as n times.
             for _ in range(count if not ok else 1):
                 self.on_events(pool, pool.connect_result(server, ok, now, kind or "other"))
@@ -326,6 +328,9 @@ class ControlRuntime(Runtime):
                 server.connect_timeouts,
                 server.connect_other,
             ) = saved
+            flipped = flipped or failing != self._failing(pool, server)
+        if flipped:
+            self._schedule_verdicts()
 
     def _on_worker_lost(self, handle: WorkerHandle) -> None:
         """Called when a worker's socketpair closed: it exited or died."""
@@ -399,11 +404,20 @@ class ControlRuntime(Runtime):
                     s.eligible,
                     s.admin_ok,
                     round(s.weight_factor, 4),
+                    self._failing(pool, s),
                 ]
                 for s in pool.servers.values()
             ]
             for name, pool in self.pools.items()
         }
+
+    @staticmethod
+    def _failing(pool: Pool, server: Server) -> bool:
+        """The health machine counts passive failures for ``server``: workers then report
+        its successes too (they reset the count); otherwise a success changes nothing and
+        stays in the worker, as ``Pool.connect_result`` skips it in one process."""
+        health = pool.health
+        return server.name in health and health.server(server.name).passive_failures > 0
 
     def on_events(self, pool: Pool, events: list[Event]) -> None:
         super().on_events(pool, events)

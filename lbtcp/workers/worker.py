@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
+import math
 import os
 import pickle
 import signal
@@ -47,6 +49,7 @@ from lbtcp.workers.channel import Channel
 from lbtcp.workers.ipc import HEADER, Frame, IpcError, Kind, decode_json, merge_result
 
 RESULTS_DELAY = 0.002
+SUSPECT_HOLD = 1.0
 STATS_INTERVAL = 0.1
 HELLO_TIMEOUT = 10.0
 PIPE_BUF = 4096
@@ -55,6 +58,26 @@ PR_SET_PDEATHSIG = 1
 
 def stats_key(*parts: str) -> str:
     return "\x1f".join(parts)
+
+
+def share(limit: int, workers: int) -> int:
+    """A worker's part of a server's or listener's ``max_connections`` (0: unlimited): the
+    limit split evenly, rounded up so that each worker may take at least one. The group's
+    total then stays within ``workers * ceil(limit / workers)``, the limit rounded up to a
+    multiple of ``workers``, with no lock or message on the hot path."""
+    return -(-limit // workers) if limit > 0 else 0
+
+
+def worker_config(config: Config, workers: int) -> Config:
+    """``config`` with each listener's ``max_connections`` replaced by this worker's share
+    (servers' are shared as their verdicts arrive, see ``apply_verdicts``)."""
+    listeners = {
+        name: dataclasses.replace(
+            listener, max_connections=share(listener.max_connections, workers)
+        )
+        for name, listener in config.listeners.items()
+    }
+    return dataclasses.replace(config, listeners=listeners)
 
 
 class WorkerLog(Log):
@@ -82,26 +105,42 @@ class WorkerLog(Log):
 
 
 class WorkerPool(Pool):
-    """A pool whose connect results go to the parent instead of a local health machine."""
+    """A pool whose connect results go to the parent instead of a local health machine.
 
-    __slots__ = ("report",)
+    A success matters to the parent only while it counts failures for that server (the
+    success resets the count): ``suspect`` holds those servers (from the verdicts) and those
+    this worker saw fail in the last ``SUSPECT_HOLD`` seconds (its report may still be on
+    the way); other successes are not sent, as one process skips them too."""
+
+    __slots__ = ("report", "suspect")
     report: Callable[[str, str, bool, str], None]
+    suspect: dict[str, float]  # server name -> until (loop time; inf: the parent says so)
 
     def connect_result(
         self, server: Server, ok: bool, now: float, kind: str = "other"
     ) -> list[Event]:
-        """Called by ``Listener._report`` after every real connect attempt (hot path: one
-        append to the batch)."""
-        if not ok:
-            server.connect_failures += 1
-            if kind == "refused":
-                server.connect_refused += 1
-            elif kind == "timeout":
-                server.connect_timeouts += 1
-            else:
-                kind = "other"
-                server.connect_other += 1
-        self.report(self.name, server.name, ok, kind if not ok else "")
+        """Called by ``Listener._report`` after every real connect attempt (hot path: a
+        dict lookup for a success, one append to the batch for a reported result)."""
+        if ok:
+            until = self.suspect.get(server.name)
+            if until is None:
+                return []
+            if until < now:
+                del self.suspect[server.name]
+                return []
+            self.report(self.name, server.name, True, "")
+            return []
+        if self.suspect.get(server.name, 0.0) < now + SUSPECT_HOLD:
+            self.suspect[server.name] = now + SUSPECT_HOLD
+        server.connect_failures += 1
+        if kind == "refused":
+            server.connect_refused += 1
+        elif kind == "timeout":
+            server.connect_timeouts += 1
+        else:
+            kind = "other"
+            server.connect_other += 1
+        self.report(self.name, server.name, False, kind)
         return []
 
 
@@ -109,6 +148,8 @@ class WorkerRuntime(Runtime):
     """The data plane of one worker process."""
 
     def __init__(self, config: Config, hello: dict[str, Any], channel_sock: socket.socket):
+        self.worker_count: int = hello["workers"]
+        config = worker_config(config, self.worker_count)
         super().__init__(config, WorkerLog(config.global_.log_format, config.global_.access_log))
         self.slot: int = hello["slot"]
         self.generation: int = hello["generation"]
@@ -128,6 +169,7 @@ class WorkerRuntime(Runtime):
             pool = WorkerPool.from_config(pool_config, now=loop.time())
             assert isinstance(pool, WorkerPool)  # from_config makes its own class
             pool.report = self._report_result
+            pool.suspect = {}
             self.pools[name] = pool
         for name, listener_config in self.config.listeners.items():
             self.listeners[name] = Listener(
@@ -233,8 +275,14 @@ class WorkerRuntime(Runtime):
                 continue
             servers: list[Server] = []
             flags: list[tuple[str, bool, bool, float]] = []
+            assert isinstance(pool, WorkerPool)
             for row in rows:
-                name, host, port, weight, backup, max_connections, eligible, admin_ok, factor = row
+                (name, host, port, weight, backup, max_connections) = row[:6]
+                eligible, admin_ok, factor, failing = row[6:]
+                if failing:
+                    pool.suspect[str(name)] = math.inf
+                elif pool.suspect.get(str(name)) == math.inf:
+                    del pool.suspect[str(name)]
                 servers.append(
                     Server(
                         str(name),
@@ -242,7 +290,7 @@ class WorkerRuntime(Runtime):
                         int(port),
                         weight=int(weight),
                         backup=bool(backup),
-                        max_connections=int(max_connections),
+                        max_connections=share(int(max_connections), self.worker_count),
                     )
                 )
                 flags.append((str(name), bool(eligible), bool(admin_ok), float(factor)))
