@@ -7,14 +7,17 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import os
+import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from tests.support import (
     wait_until,
 )
 from tests.test_admin_server import admin_address, get
+from tests.test_systemd import _readable_python
 
 StartLbtcp = Callable[..., Lbtcp]
 ADMIN = '[admin]\nlisten = "127.0.0.1:0"\n'
@@ -68,6 +72,29 @@ def sessions(address: tuple[str, int], count: int, payload: bytes, threads: int 
 def worker_pids(lb: Lbtcp, count: int = 2) -> list[int]:
     wait_until(lambda: len(lb.matching(r"worker_ready")) >= count, 15, "workers ready")
     return [int(re.search(r"pid=(\d+)", line).group(1)) for line in lb.matching("worker_ready")]  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory everyone can read: the config must stay readable after the drop."""
+    path = Path(tempfile.mkdtemp(prefix="lbtcp-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def low_port() -> int:
+    """A port below 1024 that is free now, from a random start: other test runs on this
+    machine look for low ports too, from 700 up."""
+    start = random.randrange(700, 1024)
+    for port in [*range(start, 1024), *range(700, start)]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.fail("no free port below 1024")
 
 
 def alive(pid: int) -> bool:
@@ -383,3 +410,50 @@ def test_listener_max_connections_holds_for_the_whole_group(
     wait_until(lambda: len(lb.matching(r"term=LM")) == 16, 5, "16 LM lines")
     for sock in spliced:
         sock.close()
+
+
+def test_socket_activation_with_two_workers_shares_the_passed_socket(
+    backends: Backends, start_lbtcp: StartLbtcp
+) -> None:
+    activate = shutil.which("systemd-socket-activate")
+    assert activate, "systemd-socket-activate is missing: scripts/install-test-deps installs it"
+    port = closed_port()
+    text = workers_config([backends.echo()]).replace('bind = "127.0.0.1:0"', 'bind = "fd:web"')
+    lb = start_lbtcp(text, wait=False, prefix=(activate, "-l", f"127.0.0.1:{port}", "--fdname=web"))
+    lb.wait_line(rf"Listening on 127.0.0.1:{port}")
+    assert roundtrip(("127.0.0.1", port), b"activated") == b"activated"
+    pids = worker_pids(lb)
+    assert sessions(("127.0.0.1", port), 300, b"fd", threads=4) == 300
+    wait_until(lambda: len(lb.matching(r"\baccess\b")) == 301, 5, "access lines")
+    # One passed socket, accepted on by both workers (no SO_REUSEPORT group for fd:NAME).
+    assert set(access_by_worker(lb)) == {str(p) for p in pids}
+    assert " reload msg=" in lb.reload(text)
+    assert roundtrip(("127.0.0.1", port), b"after the reload") == b"after the reload"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_workers_run_as_the_dropped_user_on_a_low_port(
+    backends: Backends, public_dir: Path
+) -> None:
+    python, env = _readable_python()
+    port = low_port()
+    text = workers_config([backends.echo()], global_extra='user = "nobody"').replace(
+        'bind = "127.0.0.1:0"', f'bind = "127.0.0.1:{port}"'
+    )
+    lb = Lbtcp(text, public_dir, env=env, python=python)
+    try:
+        pids = worker_pids(lb)
+        for pid in [lb.proc.pid, *pids]:
+            status = Path(f"/proc/{pid}/status").read_text()
+            uid = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()  # type: ignore[union-attr]
+            assert uid == ["65534"] * 4, (pid, uid)
+        address = ("127.0.0.1", port)
+        assert sessions(address, 200, b"as nobody", threads=4) == 200
+        wait_until(lambda: len(lb.matching(r"\baccess\b")) == 200, 5, "access lines")
+        assert set(access_by_worker(lb)) == {str(p) for p in pids}
+        # A reload starts a new generation, as nobody, on the sockets bound as root.
+        assert " reload msg=" in lb.reload(text + "\n")
+        worker_pids(lb, 4)
+        assert sessions(address, 20, b"after reload") == 20
+    finally:
+        lb.stop()
