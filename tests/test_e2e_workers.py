@@ -268,6 +268,20 @@ def test_a_worker_killed_under_load_loses_only_its_sessions_and_is_replaced(
     address = lb.address()
     pids = worker_pids(lb)
     held = [open_session(address, b"h%d" % i) for i in range(24)]
+    try:
+        _kill_a_worker_under_load(lb, admin, address, pids, held)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _kill_a_worker_under_load(
+    lb: Lbtcp,
+    admin: tuple[str, int],
+    address: tuple[str, int],
+    pids: list[int],
+    held: list[socket.socket],
+) -> None:
     wait_until(
         lambda: sum(w["active"] for w in get(admin, "/status").json()["workers"]) == 24,
         5,
@@ -298,7 +312,8 @@ def test_a_worker_killed_under_load_loses_only_its_sessions_and_is_replaced(
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
         line = lb.wait_line(r"worker_died", 5)
-        ready = lb.wait_line(r"worker_ready .*slot=0", 5, start=lb.lines.index(line))
+        slot = re.search(r"slot=(\d+)", line).group(1)  # type: ignore[union-attr]
+        ready = lb.wait_line(rf"worker_ready .*slot={slot}\b", 5, start=lb.lines.index(line))
         replaced = time.monotonic() - killed
         new_pid = int(re.search(r"pid=(\d+)", ready).group(1))  # type: ignore[union-attr]
         wait_until(
@@ -324,9 +339,10 @@ def test_a_worker_killed_under_load_loses_only_its_sessions_and_is_replaced(
         except OSError:
             ok = False
         survivors += ok
-        sock.close()
     assert survivors == 24 - per_worker[victim]
-    assert f"sessions_lost={per_worker[victim]}" in line or "sessions_lost=" in line
+    # What it last reported: its held sessions, plus the load's sessions then in flight on it.
+    lost = int(re.search(r"sessions_lost=(\d+)", line).group(1))  # type: ignore[union-attr]
+    assert per_worker[victim] <= lost <= per_worker[victim] + 4, (lost, per_worker)
     text = get(admin, "/metrics").body.decode()
     assert metric(text, "lbtcp_worker_restarts_total") == 1
 

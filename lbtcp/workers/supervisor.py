@@ -249,20 +249,13 @@ class ControlRuntime(Runtime):
             "verdicts": verdicts,
             "workers": self.worker_count,
         }
-        # The HELLO goes straight into the socket buffer, before the loop owns the socket.
-        parent_end.setblocking(True)
-        frame = encode_raw(Kind.HELLO, pickle.dumps(hello))
-        parent_end.settimeout(5.0)
-        try:
-            parent_end.sendall(frame)
-        except OSError as exc:
-            self.log.event("error", f"cannot talk to a new worker: {exc}", slot=slot)
-        parent_end.setblocking(False)
         handle.verdicts = dict(verdicts)
-        self._spawn(self._attach(handle, parent_end))
+        self._spawn(self._attach(handle, parent_end, encode_raw(Kind.HELLO, pickle.dumps(hello))))
         return handle
 
-    async def _attach(self, handle: WorkerHandle, sock: socket.socket) -> None:
+    async def _attach(self, handle: WorkerHandle, sock: socket.socket, hello: bytes) -> None:
+        """The parent's end of a new worker's socketpair on the loop; HELLO first (through
+        the transport: a large config never blocks the control plane on a slow start)."""
         assert self._loop is not None
         peer = f"worker {handle.pid}"
         _, channel = await self._loop.create_unix_connection(
@@ -274,6 +267,7 @@ class ControlRuntime(Runtime):
             ),
             sock=sock,
         )
+        channel.send_frame(hello)
         handle.channel = channel
         if handle.verdicts != self._sent_verdicts:
             self._schedule_verdicts()
