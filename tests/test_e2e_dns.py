@@ -109,10 +109,12 @@ connect_timeout = "500ms"
 """
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_three_a_records_become_three_servers_and_follow_changes(
     start_lbtcp: StartLbtcp,
     dns_servers: DnsFactory,
     echoes: LoopbackEchoes,
+    workers: int,
 ) -> None:
     ips = ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"]
     for ip in ips:
@@ -124,9 +126,11 @@ def test_three_a_records_become_three_servers_and_follow_changes(
             f'[[pools.app.servers]]\naddress = "app.{DOMAIN}:{echoes.port}"\n',
             resolver_extra='min_ttl = "1s"',
         )
+        # With workers = 2 the parent resolves; both workers must follow its membership.
+        + f"[global]\nworkers = {workers}\n"
     )
     address = lb.address()
-    seen = {ask(address).split()[0].decode() for _ in range(9)}
+    seen = {ask(address).split()[0].decode() for _ in range(9 * workers)}
     assert seen == set(ips[:3])
 
     # A session opened before the change keeps flowing after it.
@@ -139,7 +143,8 @@ def test_three_a_records_become_three_servers_and_follow_changes(
     dns.set_hosts({f"app.{DOMAIN}": [ips[0], ips[3]]})  # .12 and .13 leave, .14 joins
 
     def follows() -> bool:
-        return {ask(address).split()[0].decode() for _ in range(6)} == {ips[0], ips[3]}
+        wanted = {ips[0], ips[3]}
+        return {ask(address).split()[0].decode() for _ in range(6 * workers)} == wanted
 
     wait_until(follows, 10, "lbtcp to follow the new record set")
     assert time.monotonic() - changed_at < 1 + 1 + 1.5  # TTL + 1 s, plus the sampling
