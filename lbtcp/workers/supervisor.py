@@ -14,10 +14,13 @@ sessions run in ``workers`` child processes (``lbtcp.workers.worker``), started 
   worker died keeps its accept queue until the replacement takes it over, and a worker never
   binds. A ``fd:NAME`` socket of systemd cannot be duplicated onto a new port group, so every
   worker shares it (it works, less evenly).
-- **Health.** Workers send every real connect result (``RESULTS``); they go through the same
+- **Health.** Workers send every connect failure, and the successes of servers this
+  parent counts failures for (``RESULTS``; any other success changes nothing, as
+  ``Pool.connect_result`` skips it in one process); they go through the same
   ``Pool.connect_result`` as in one process. Whenever the core emits events (and every
   ``VERDICT_INTERVAL`` for slow-start ramps) the verdicts (membership, eligible, admin,
-  weight, weight factor) are diffed per pool against what the workers have and sent.
+  weight, weight factor, "failures counted") are diffed per pool against what each worker
+  has and sent. ``max_connections`` limits are split over the workers (``worker.share``).
 - **Counters.** Each worker sends absolute counters every 100 ms when they changed
   (``STATS``); the parent's listener and server objects are set to the sum over live workers
   plus what exited workers had counted, so metrics.py and status.py read them unchanged.
@@ -277,9 +280,7 @@ class ControlRuntime(Runtime):
         if frame.kind is Kind.RESULTS:
             self._apply_results(check_results(decode_json(frame)))
         elif frame.kind is Kind.STATS:
-            stats = check_stats(decode_json(frame))
-            merge_stats({}, stats)
-            handle.stats = stats
+            handle.stats = check_stats(decode_json(frame))
             self._aggregate()
         elif frame.kind is Kind.READY:
             if handle.state == "starting":

@@ -7,7 +7,8 @@ the parent's current health verdicts. The worker builds the same pools and liste
 ``workers = 1`` (same ``Listener``, same relay), applies the verdicts, starts accepting and
 answers ``READY``. From then on:
 
-- every real connect result goes to the parent (``RESULTS``), batched for ``RESULTS_DELAY``
+- connect failures, and successes while the parent counts failures for that server (see
+  ``WorkerPool``), go to the parent (``RESULTS``), batched for ``RESULTS_DELAY``
   and dropped-and-counted if the socketpair is full: the parent's health machine decides;
 - ``VERDICTS`` from the parent replace each pool's membership, eligibility, admin state and
   slow-start factor (the worker's own health machine is never fed);
