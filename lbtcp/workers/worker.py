@@ -44,7 +44,7 @@ from lbtcp.events import Event
 from lbtcp.listener import REFUSAL_REASONS, Listener
 from lbtcp.log import Log
 from lbtcp.pool import Pool, Server
-from lbtcp.relay import TERM_SERVER_DOWN, TERM_SHUTDOWN
+from lbtcp.relay import TERM_SHUTDOWN
 from lbtcp.runtime import Runtime
 from lbtcp.workers.channel import Channel
 from lbtcp.workers.ipc import HEADER, Frame, IpcError, Kind, decode_json, merge_result
@@ -174,7 +174,12 @@ class WorkerRuntime(Runtime):
             self.pools[name] = pool
         for name, listener_config in self.config.listeners.items():
             self.listeners[name] = Listener(
-                listener_config, self.pools[listener_config.pool], self.log, loop, self.on_events
+                listener_config,
+                self.pools[listener_config.pool],
+                self.log,
+                loop,
+                self.on_events,
+                pools=self.pools,  # SNI routes pick among them
             )
 
     def on_events(self, pool: Pool, events: list[Event]) -> None:
@@ -246,13 +251,9 @@ class WorkerRuntime(Runtime):
             self.apply_verdicts(decode_json(frame))
         elif frame.kind is Kind.CLOSE_SERVER:
             message = decode_json(frame)
-            pool = self.pools.get(message["pool"])
-            server = pool.servers.get(message["server"]) if pool is not None else None
-            if pool is not None and server is not None:
-                for listener in self.listeners.values():
-                    if listener.pool is pool:
-                        for session in listener.sessions_of(server):
-                            session.close(TERM_SERVER_DOWN)
+            pool = self.pools.get(str(message["pool"]))
+            if pool is not None:  # the same sessions as in one process (SNI routes too)
+                self._close_server_sessions(pool, str(message["server"]))
         elif frame.kind is Kind.RETIRE:
             self._retiring = True
             for listener in self.listeners.values():
