@@ -97,6 +97,20 @@ def low_port() -> int:
     pytest.fail("no free port below 1024")
 
 
+def children(pid: int) -> list[int]:
+    """Every process whose parent is ``pid`` (the workers and the spare)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
@@ -353,6 +367,9 @@ def test_killing_the_parent_leaves_no_lbtcp_process_behind(
     lb = start_lbtcp(workers_config([backends.echo()]))
     address = lb.address()
     pids = worker_pids(lb)
+    # The workers and the spare that waits to replace one.
+    wait_until(lambda: len(children(lb.proc.pid)) == 3, 10, "two workers and a spare")
+    pids = children(lb.proc.pid)
     live = open_session(address, b"x")
     lb.proc.kill()
     killed = time.monotonic()

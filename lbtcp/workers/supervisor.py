@@ -73,6 +73,8 @@ VERDICT_INTERVAL = 0.1
 READY_TIMEOUT = 15.0
 # A worker that dies within this long of its start is "dying young": the next start waits.
 YOUNG = 2.0
+# A new spare starts this long after the last one took over, not in the replacement's way.
+STANDBY_DELAY = 1.0
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 # Environment a worker must not see: systemd's (only the parent talks to the manager).
@@ -142,6 +144,7 @@ class WorkerHandle:
         self.exited = asyncio.Event()
         self.asked_to_stop = False
         self.verdicts: dict[str, Any] = {}
+        self.fds: set[int] = set()  # listening sockets passed to it
 
     @property
     def pid(self) -> int:
@@ -170,6 +173,7 @@ class ControlRuntime(Runtime):
         self._verdict_timer: asyncio.TimerHandle | None = None
         self._sent_verdicts: dict[str, Any] = {}
         self._data_plane_stopping = False
+        self._standby: WorkerHandle | None = None
 
     # --- sockets -------------------------------------------------------------------------
 
@@ -193,6 +197,7 @@ class ControlRuntime(Runtime):
         self.generation = 1
         handles = [self._start_worker(slot, 1) for slot in range(self.worker_count)]
         await self._wait_ready(handles)
+        self._start_standby()
         assert self._loop is not None
         self._verdict_timer = self._loop.call_later(VERDICT_INTERVAL, self._verdict_tick)
 
@@ -205,30 +210,58 @@ class ControlRuntime(Runtime):
         if late:
             self.log.event("worker_slow", "workers not ready in time", pids=late)
 
-    def _start_worker(self, slot: int, generation: int) -> WorkerHandle:
-        """Start the worker of ``slot`` (a child process; ready when it says so)."""
-        assert self._loop is not None
-        handle = WorkerHandle(slot, generation)
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = [child_end.fileno()]
+    def _slot_binds(self, slot: int) -> dict[str, dict[str, list[int]]]:
+        """The fds a worker of ``slot`` serves, by listener and bind (fd numbers are the
+        same in the child: ``pass_fds`` keeps them)."""
         binds: dict[str, dict[str, list[int]]] = {}
         for listener in self.listeners.values():
             assert isinstance(listener, HeldListener)
             for bind, group in listener.groups.items():
                 chosen = group if bind.startswith("fd:") else [group[slot % len(group)]]
                 binds.setdefault(listener.name, {})[bind] = [s.fileno() for s in chosen]
-                fds += [s.fileno() for s in chosen]
+        return binds
+
+    def _hello(self, handle: WorkerHandle, close: Sequence[int] = ()) -> bytes:
+        verdicts = self.verdicts()
+        handle.verdicts = dict(verdicts)
+        hello = {
+            "config": self.config,
+            "slot": handle.slot,
+            "generation": handle.generation,
+            "binds": self._slot_binds(handle.slot),
+            "close": list(close),
+            "verdicts": verdicts,
+            "workers": self.worker_count,
+        }
+        return encode_raw(Kind.HELLO, pickle.dumps(hello))
+
+    def _start_worker(self, slot: int, generation: int, standby: bool = False) -> WorkerHandle:
+        """Start the worker of ``slot`` (a child process; ready when it says so). A
+        ``standby`` gets every slot's sockets and waits, imported, for the HELLO that makes it
+        the replacement of a worker that died (``_assign_standby``)."""
+        assert self._loop is not None
+        handle = WorkerHandle(slot, generation)
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if standby:
+            handle.state = "standby"
+            handle.fds = {
+                s.fileno()
+                for listener in self.listeners.values()
+                if isinstance(listener, HeldListener)
+                for group in listener.groups.values()
+                for s in group
+            }
+        else:
+            handle.fds = {
+                fd for binds in self._slot_binds(slot).values() for g in binds.values() for fd in g
+            }
         env = {k: v for k, v in os.environ.items() if k not in PARENT_ONLY_ENV}
+        argv = [sys.executable, "-m", "lbtcp.workers.worker", str(child_end.fileno())]
+        argv += [str(os.getpid()), *(["standby"] if standby else [])]
         try:
             handle.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "lbtcp.workers.worker",
-                    str(child_end.fileno()),
-                    str(os.getpid()),
-                ],
-                pass_fds=fds,
+                argv,
+                pass_fds=[child_end.fileno(), *sorted(handle.fds)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -239,24 +272,57 @@ class ControlRuntime(Runtime):
             self.log.event("error", f"cannot start a worker: {exc}", slot=slot)
             handle.state = "exited"
             handle.exited.set()
-            self._loop.call_later(BACKOFF_MAX, self._respawn, slot)
+            if not standby:
+                self._loop.call_later(BACKOFF_MAX, self._respawn, slot)
             return handle
         child_end.close()
-        self.workers.append(handle)
-        verdicts = self.verdicts()
-        hello = {
-            "config": self.config,
-            "slot": slot,
-            "generation": generation,
-            "binds": binds,
-            "verdicts": verdicts,
-            "workers": self.worker_count,
-        }
-        handle.verdicts = dict(verdicts)
-        self._spawn(self._attach(handle, parent_end, encode_raw(Kind.HELLO, pickle.dumps(hello))))
+        if standby:
+            self._standby = handle
+            self._spawn(self._attach(handle, parent_end, None))
+        else:
+            self.workers.append(handle)
+            self._spawn(self._attach(handle, parent_end, self._hello(handle)))
         return handle
 
-    async def _attach(self, handle: WorkerHandle, sock: socket.socket, hello: bytes) -> None:
+    def _start_standby(self) -> None:
+        """Keep one spare worker process started and imported: Python's start-up (0.2 s of
+        CPU, more than a second on a busy 2-core machine) is then out of a replacement's way."""
+        if self._standby is not None or self._data_plane_stopping:
+            return
+        if self._stop_requested is not None and self._stop_requested.is_set():
+            return
+        self._start_worker(-1, self.generation, standby=True)
+
+    def _drop_standby(self) -> None:
+        """A reload changed the sockets (fd numbers may be reused): the spare is useless."""
+        handle, self._standby = self._standby, None
+        if handle is not None:
+            self._signal(handle, signal.SIGKILL)
+
+    def _assign_standby(self, slot: int) -> bool:
+        """Make the spare the worker of ``slot``; False if there is none ready."""
+        handle = self._standby
+        if (
+            handle is None
+            or handle.channel is None
+            or handle.proc is None
+            or handle.proc.poll() is not None
+            or handle.generation != self.generation
+        ):
+            return False
+        self._standby = None
+        handle.slot = slot
+        handle.state = "starting"
+        handle.started = time.monotonic()
+        used = {fd for b in self._slot_binds(slot).values() for g in b.values() for fd in g}
+        handle.channel.send_frame(self._hello(handle, sorted(handle.fds - used)))
+        handle.fds = used
+        self.workers.append(handle)
+        assert self._loop is not None
+        self._loop.call_later(STANDBY_DELAY, self._start_standby)
+        return True
+
+    async def _attach(self, handle: WorkerHandle, sock: socket.socket, hello: bytes | None) -> None:
         """The parent's end of a new worker's socketpair on the loop; HELLO first (through
         the transport: a large config never blocks the control plane on a slow start)."""
         assert self._loop is not None
@@ -270,7 +336,8 @@ class ControlRuntime(Runtime):
             ),
             sock=sock,
         )
-        channel.send_frame(hello)
+        if hello is not None:
+            channel.send_frame(hello)
         handle.channel = channel
         if handle.verdicts != self._sent_verdicts:
             self._schedule_verdicts()
@@ -342,6 +409,11 @@ class ControlRuntime(Runtime):
         if code is None:  # closed its channel but lives on: not a worker we can use
             handle.proc.kill()
             code = handle.proc.wait()
+        if handle.state == "standby":  # the spare died (or was dropped) before it served
+            if self._standby is handle:
+                self._standby = None
+                self._loop.call_later(BACKOFF_MAX, self._start_standby)
+            return
         lost = handle.active
         merge_stats(self._exited_stats, handle.stats, live=False)
         handle.stats = {}
@@ -381,7 +453,8 @@ class ControlRuntime(Runtime):
             return
         if any(h.slot == slot and h.generation == self.generation for h in self.workers):
             return
-        self._start_worker(slot, self.generation)
+        if not self._assign_standby(slot):
+            self._start_worker(slot, self.generation)
 
     # --- health verdicts to the workers --------------------------------------------------
 
@@ -564,6 +637,7 @@ class ControlRuntime(Runtime):
         """Apply the plan here, then start a new generation on the new config and retire the
         old one once the new one serves."""
         await super()._apply(plan, old, config, new_pools, balancers, bound, new_admin)
+        self._drop_standby()
         old_handles = list(self.workers)
         self.generation += 1
         handles = [self._start_worker(slot, self.generation) for slot in range(self.worker_count)]
@@ -574,11 +648,13 @@ class ControlRuntime(Runtime):
             if handle.channel is not None:
                 handle.channel.send(Kind.RETIRE, {})
         self._schedule_verdicts()
+        self._start_standby()
 
     # --- stopping ------------------------------------------------------------------------
 
     async def _stop_data_plane(self, loop: asyncio.AbstractEventLoop) -> None:
         self._data_plane_stopping = True
+        self._drop_standby()
         mode = self._stop_mode
         for handle in list(self.workers):
             self._signal(handle, signal.SIGTERM if mode == "drain" else signal.SIGINT)

@@ -404,8 +404,9 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _read_hello(sock: socket.socket) -> dict[str, Any]:
-    sock.settimeout(HELLO_TIMEOUT)
+def _read_hello(sock: socket.socket, standby: bool) -> dict[str, Any]:
+    """The start message (a spare waits for it as long as its parent lives)."""
+    sock.settimeout(None if standby else HELLO_TIMEOUT)
     header = _read_exact(sock, HEADER.size)
     length, _version, kind = HEADER.unpack(header)
     if kind != Kind.HELLO or length > 64 * 1024 * 1024:
@@ -430,17 +431,20 @@ def _read_exact(sock: socket.socket, size: int) -> bytes:
 
 def main(argv: list[str]) -> int:
     _die_with_parent()
-    if len(argv) != 3:
-        print("usage: python -m lbtcp.workers.worker IPC_FD PARENT_PID", file=sys.stderr)
+    if len(argv) not in (3, 4) or argv[3:] not in ([], ["standby"]):
+        print("usage: python -m lbtcp.workers.worker IPC_FD PARENT_PID [standby]", file=sys.stderr)
         return 2
     if os.getppid() != int(argv[2]):
         return 1  # the parent died before the death signal was armed
     sock = socket.socket(fileno=int(argv[1]))
     try:
-        hello = _read_hello(sock)
+        hello = _read_hello(sock, argv[3:] == ["standby"])
     except (OSError, IpcError, pickle.UnpicklingError, EOFError) as exc:
         print(f"lbtcp worker: cannot start: {exc}", file=sys.stderr)
         return 1
+    for fd in hello.get("close", []):  # a spare's sockets of the other slots
+        with contextlib.suppress(OSError):
+            os.close(fd)
     import uvloop
 
     runtime = WorkerRuntime(hello["config"], hello, sock)
