@@ -44,6 +44,7 @@ class Kind(enum.IntEnum):
     READY = 16  # {"pid"}: listening
     RESULTS = 17  # [[pool, server, ok, kind, count], ...]: real connect results, in order
     STATS = 18  # counters snapshot (absolute values)
+    DRAINING = 19  # {"sessions"}: stopped accepting (SIGTERM or RETIRE), draining these
 
 
 KINDS = frozenset(int(k) for k in Kind)

@@ -145,6 +145,8 @@ class WorkerHandle:
         self.asked_to_stop = False
         self.verdicts: dict[str, Any] = {}
         self.fds: set[int] = set()  # listening sockets passed to it
+        self.draining: int | None = None  # sessions when it said it stopped accepting
+        self.stopped_accepting = asyncio.Event()  # DRAINING received, or exited
 
     @property
     def pid(self) -> int:
@@ -349,6 +351,10 @@ class ControlRuntime(Runtime):
         elif frame.kind is Kind.STATS:
             handle.stats = check_stats(decode_json(frame))
             self._aggregate()
+        elif frame.kind is Kind.DRAINING:
+            message = decode_json(frame)
+            handle.draining = int(message["sessions"])
+            handle.stopped_accepting.set()
         elif frame.kind is Kind.READY:
             if handle.state == "starting":
                 handle.state = "serving"
@@ -420,6 +426,7 @@ class ControlRuntime(Runtime):
         handle.state = "exited"
         self.workers.remove(handle)
         handle.exited.set()
+        handle.stopped_accepting.set()
         self._aggregate()
         if handle.asked_to_stop or self._data_plane_stopping:
             self.log.event(
@@ -654,10 +661,32 @@ class ControlRuntime(Runtime):
 
     async def _stop_data_plane(self, loop: asyncio.AbstractEventLoop) -> None:
         self._data_plane_stopping = True
+        spare = self._standby
         self._drop_standby()
+        # The spare holds every listening socket: gone before the drain starts, so that new
+        # clients are refused from then on (not queued on a socket nobody accepts on).
+        for _ in range(100):
+            if spare is None or spare.proc is None or spare.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.01)
         mode = self._stop_mode
         for handle in list(self.workers):
             self._signal(handle, signal.SIGTERM if mode == "drain" else signal.SIGINT)
+        # One "drain" line for the group, once no worker accepts any more (as one process).
+        waits = [asyncio.ensure_future(h.stopped_accepting.wait()) for h in self.workers]
+        if waits:
+            _done, pending = await asyncio.wait(waits, timeout=2.0)
+            for task in pending:
+                task.cancel()
+        sessions = sum(h.draining or 0 for h in self.workers)
+        if mode == "drain" and sessions:
+            self.log.event(
+                "drain",
+                "stopped accepting; waiting for live sessions",
+                sessions=sessions,
+                timeout_s=self.config.global_.drain_timeout,
+                workers=len(self.workers),
+            )
         bound = self.config.global_.drain_timeout + 5.0
         deadline = loop.time() + bound
         while self.workers and loop.time() < deadline:

@@ -344,9 +344,11 @@ class WorkerRuntime(Runtime):
         await self._stop_requested.wait()
         for listener in self.listeners.values():
             listener.stop_accepting()
+        if not self._parent_gone:
+            channel.send(Kind.DRAINING, {"sessions": self.active_sessions})
         if self.active_sessions and not self._parent_gone and self._stop_mode == "drain":
             self.log.event(
-                "drain",
+                "worker_drain",
                 "worker retiring (a reload replaced it): waiting for its live sessions"
                 if self._retiring
                 else "stopped accepting; waiting for live sessions",
