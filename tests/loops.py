@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import uvloop
 
+from tests.proxy_support import Recorder
+
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
@@ -24,6 +26,11 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any
         loop.run_until_complete(asyncio.wait_for(coro, 60))
 
     yield run_coro
+    leftover = Recorder.OPEN.pop(loop, set())
+    for transport in leftover:
+        transport.abort()
+    if leftover:
+        loop.run_until_complete(asyncio.sleep(0.01))  # abort() loses them on the next turn
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()
     assert not errors, f"the loop's exception handler was called: {errors}"
