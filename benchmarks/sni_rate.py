@@ -3,6 +3,7 @@
 10 routes against one without, same run, interleaved.
 
     .venv/bin/python benchmarks/sni_rate.py [--repeats 4] [--duration 3] [--connections 16]
+        [--instructions 300]
 
 Both listeners sit in front of one ``lbtcp echo``; every client sends the same real
 ClientHello (made once with ssl.MemoryBIO, name ``www.svc7.example.com``, which the routed
@@ -12,6 +13,13 @@ back and closes: one new connection per ClientHello. The proxy's CPU (utime + st
 (ABBA, as benchmarks/accept_rate.py does) so that a change in machine load hits both alike.
 With ``taskset`` the proxy runs on core 0 and the clients and the echo server on core 1.
 Bounded: repeats x 2 x (duration + warm-up + start-up) seconds, and a fixed client count.
+
+CPU time on a shared 2-core machine is noisy (other work steals the core, the loop batches
+differently at different rates). ``--instructions N`` adds a measure that is not: the proxy
+runs under ``valgrind --tool=callgrind``, N warm-up connections go through it, the counters
+are zeroed (``callgrind_control --zero``), N more go through one at a time, and the counters
+are dumped: instructions per connection, routed against plain, the same ClientHello. Bounded
+by the valgrind start-up (at most 120 s) plus 2 x N connections per listener.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import contextlib
+import shutil
 
 from accept_rate import pinned, stop, wait_for_line
 
@@ -124,13 +133,72 @@ def run_once(config_path: Path, payload: bytes, args: argparse.Namespace) -> tup
         stop(proxy)
 
 
+async def sequential(host: str, port: int, payload: bytes, count: int) -> None:
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(payload)
+        await reader.readexactly(len(payload))
+        writer.close()
+        await writer.wait_closed()
+
+
+def instructions_once(config_path: Path, payload: bytes, count: int, tmp: Path) -> float:
+    """Instructions the proxy executes per connection, over ``count`` sequential ones."""
+    out = tmp / f"callgrind.{config_path.stem}.out"
+    proxy = subprocess.Popen(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            "-m",
+            "lbtcp",
+            "serve",
+            str(config_path),
+        ],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", PYTHONMALLOC="malloc"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = wait_for_line(proxy, r"\blistening\b", timeout=120.0)
+        match = re.search(r"address=(\S+):(\d+)", line)
+        assert match
+        host, port = match.group(1), int(match.group(2))
+        wait_for_line(proxy, r"\bstart\b", timeout=60.0)
+        asyncio.run(asyncio.wait_for(sequential(host, port, payload, count), 300))
+        control = ["callgrind_control", str(proxy.pid)]
+        subprocess.run([*control, "--zero"], check=True, capture_output=True, timeout=60)
+        asyncio.run(asyncio.wait_for(sequential(host, port, payload, count), 300))
+        subprocess.run([*control, "--dump"], check=True, capture_output=True, timeout=60)
+        dumps = sorted(tmp.glob(f"{out.name}.*"), key=lambda path: path.stat().st_mtime)
+        assert dumps, "callgrind wrote no dump"
+        totals = re.search(r"^(?:totals|summary):\s*(\d+)", dumps[-1].read_text(), re.M)
+        assert totals, "no totals line in the callgrind dump"
+        return int(totals.group(1)) / count
+    finally:
+        stop(proxy)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--instructions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also count the proxy's instructions per connection under callgrind, over N",
+    )
     args = parser.parse_args()
+    if args.instructions and not shutil.which("valgrind"):
+        parser.error("--instructions needs valgrind (callgrind)")
     if len(os.sched_getaffinity(0)) > 1:
         os.sched_setaffinity(0, {1})  # the clients share core 1 with the echo server
     payload = client_hello(NAME)
@@ -151,6 +219,17 @@ def main() -> int:
             for name, routed in (("no routes", False), ("10 routes", True)):
                 paths[name] = Path(tmp) / f"{'routed' if routed else 'plain'}.toml"
                 paths[name].write_text(make_config(match.group(1), routed))
+            instructions: dict[str, float] = {}
+            if args.instructions:
+                for name, path in paths.items():
+                    instructions[name] = instructions_once(
+                        path, payload, args.instructions, Path(tmp)
+                    )
+                    print(
+                        f"  {name:9}  {instructions[name]:9.0f} instructions per connection "
+                        f"(callgrind, {args.instructions} sequential connections)",
+                        flush=True,
+                    )
             results: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
             for repeat in range(args.repeats):
                 order = list(paths)
@@ -175,6 +254,12 @@ def main() -> int:
     print(f"no routes: median {base_rate:.0f}/s, {base_cpu:.1f} us CPU per connection")
     print(f"10 routes: median {routed_rate:.0f}/s, {routed_cpu:.1f} us CPU per connection")
     print(f"CPU per connection {100.0 * (routed_cpu - base_cpu) / base_cpu:+.1f} %")
+    if instructions:
+        base, routed = instructions["no routes"], instructions["10 routes"]
+        print(
+            f"instructions per connection: no routes {base:.0f}, 10 routes {routed:.0f}, "
+            f"{100.0 * (routed - base) / base:+.1f} %"
+        )
     return 0
 
 

@@ -8,7 +8,10 @@ CIDRs (``AC``), the per-source rate (``ratelimit.RateLimiter``) and connection l
 ``proxy_accept.HeaderReader`` reads the PROXY header first and hands the connection to the
 session with the header's client address (or closes it, ``PP``). With ``routes`` the same
 reader then reads the TLS ClientHello and binds the session to the route's pool
-(``tls_hello.Router``); every step after that uses ``session.pool``. No server means
+(``tls_hello.Router``); every step after that uses ``session.pool``. Without PROXY, a listener
+with ``routes`` has no reader: its sessions (``proxy_accept.RoutingSession``) read the
+ClientHello themselves, and the listener bounds that wait for all of them with one FIFO and one
+timer (``inspect_started``). No server means
 the refusal of DESIGN.md §3 (``NH``): the client was accepted and is closed at once, by FIN, by
 RST, or after a banner, without connecting anywhere. Otherwise one task per session runs the
 connect attempts: each attempt on a server not yet tried, with ``connect_timeout`` per attempt
@@ -23,6 +26,7 @@ import asyncio
 import errno
 import ipaddress
 import socket
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from time import monotonic
 
@@ -32,7 +36,7 @@ from lbtcp.counters import SESSION_BUCKETS, Histogram
 from lbtcp.events import Event
 from lbtcp.log import Log
 from lbtcp.pool import Pool, Server
-from lbtcp.proxy_accept import HeaderReader, InspectedSession
+from lbtcp.proxy_accept import HeaderReader, InspectedSession, RoutingSession
 from lbtcp.proxy_protocol import encode
 from lbtcp.ratelimit import RateLimiter
 from lbtcp.relay import CLOSED, Session, UpstreamProtocol, reset_transport
@@ -46,6 +50,10 @@ TERM_LIMIT = "LM"
 TERM_PROXY_PROTOCOL = "PP"
 
 REFUSAL_REASONS = ("no_healthy", "acl", "limit", "proxy_protocol")
+
+
+def _deadline(entry: tuple[float, RoutingSession]) -> float:
+    return entry[0]
 
 
 def bind_socket(address: str, backlog: int, *, reuseport: bool = False) -> socket.socket:
@@ -109,7 +117,14 @@ class Listener:
         # Every pool this listener's sessions may use: the default first, then the routes'.
         self.pools: tuple[Pool, ...] = (pool,)
         self._set_routes(config, pool, pools)
-        self.awaiting_header: set[HeaderReader] = set()
+        # PROXY readers still waiting for their verdict (closed by a stop).
+        self.readers: set[HeaderReader] = set()
+        # Routing sessions still inspecting, as (deadline, session) in arrival order: every
+        # client of a listener has the same inspect_timeout, so deadlines come in order and
+        # one timer at the head serves them all. Entries of sessions that got their verdict
+        # are dropped lazily (at the head, on the next arrival or when the timer fires).
+        self.inspecting: deque[tuple[float, RoutingSession]] = deque()
+        self._inspect_timer: asyncio.TimerHandle | None = None
         self.rate_limiter = (
             RateLimiter(config.max_rate_per_source) if config.max_rate_per_source else None
         )
@@ -117,6 +132,11 @@ class Listener:
     @property
     def active(self) -> int:
         return len(self.sessions)
+
+    @property
+    def awaiting_header(self) -> list[HeaderReader | RoutingSession]:
+        """Clients not yet handed to a pool: PROXY readers and sessions still inspecting."""
+        return [*self.readers, *(s for _, s in self.inspecting if s.inspecting)]
 
     def _set_routes(
         self, config: ListenerConfig, pool: Pool, pools: Mapping[str, Pool] | None
@@ -133,6 +153,8 @@ class Listener:
         loop = self.loop
         if config.proxy_protocol == "off" and self.router is None:
             self._factory = lambda: Session(self, loop)
+        elif config.proxy_protocol == "off":
+            self._factory = lambda: RoutingSession(self)
         else:
             self._factory = lambda: HeaderReader(self)
 
@@ -203,8 +225,16 @@ class Listener:
             server.close()
 
     def close_sessions(self, term: str) -> None:
-        for reader in list(self.awaiting_header):
+        for reader in list(self.readers):
             reader.abandon()
+        inspecting = self.inspecting
+        while inspecting:
+            _, routing = inspecting.popleft()
+            if routing.inspecting:
+                routing.abandon()
+        if self._inspect_timer is not None:
+            self._inspect_timer.cancel()
+            self._inspect_timer = None
         for session in list(self.sessions):
             session.close(term, abort=True)
 
@@ -241,6 +271,49 @@ class Listener:
             self.per_source[ip] = self.per_source.get(ip, 0) + 1
         session.idle_timeout = config.idle_timeout
         session.connect_task = self.loop.create_task(self._connect(session, server))
+
+    def inspect_started(self, session: RoutingSession) -> None:
+        """Called from ``RoutingSession.connection_made``: bound its wait for a ClientHello
+        by ``inspect_timeout``, with the listener's one timer."""
+        queue = self.inspecting
+        # Sessions ahead that got their verdict need no timer: drop them now, so the queue
+        # holds about the clients in flight (and no ended session stays referenced long).
+        while queue and not queue[0][1].inspecting:
+            queue.popleft()
+        loop = self.loop
+        deadline = loop.time() + self.config.inspect_timeout
+        if queue and deadline < queue[-1][0]:
+            # A reload shortened inspect_timeout: keep the queue in deadline order.
+            entries = sorted([*queue, (deadline, session)], key=_deadline)
+            queue.clear()
+            queue.extend(entries)
+            if self._inspect_timer is not None:
+                self._inspect_timer.cancel()
+                self._inspect_timer = None
+        else:
+            queue.append((deadline, session))
+        if self._inspect_timer is None:
+            self._inspect_timer = loop.call_at(queue[0][0], self._inspect_expired)
+
+    def _inspect_expired(self) -> None:
+        """Timer callback: route every session whose inspect_timeout has passed to the
+        default pool, then wait for the next deadline."""
+        self._inspect_timer = None
+        queue = self.inspecting
+        now = self.loop.time()
+        while queue and queue[0][0] <= now:
+            _, session = queue.popleft()
+            if session.inspecting:
+                try:
+                    session.inspect_expired()
+                except Exception as exc:  # a bug must cost one session, not the others
+                    self.loop.call_exception_handler(
+                        {"message": "inspect_expired failed", "exception": exc}
+                    )
+        while queue and not queue[0][1].inspecting:
+            queue.popleft()
+        if queue:
+            self._inspect_timer = self.loop.call_at(queue[0][0], self._inspect_expired)
 
     def _acl_allows(self, ip: str) -> bool:
         try:

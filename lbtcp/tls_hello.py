@@ -30,7 +30,7 @@ import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 RECORD_HANDSHAKE = 22
 HANDSHAKE_CLIENT_HELLO = 1
@@ -71,10 +71,13 @@ NEED_MORE = NeedMore()
 NOT_TLS = NotTls()
 
 
-@dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(NamedTuple):
     """A complete ClientHello: its host name (lower case, no trailing dot; None without
-    SNI) and its ALPN protocol names (printable ASCII, other bytes as ``\\xNN``)."""
+    SNI) and its ALPN protocol names (printable ASCII, other bytes as ``\\xNN``).
+
+    A NamedTuple rather than a frozen dataclass: it is built once per routed connection,
+    and a frozen dataclass's ``__init__`` (``object.__setattr__`` per field) cost about
+    6,000 instructions of a parse's 59,000 (callgrind)."""
 
     server_name: str | None
     alpn: tuple[str, ...]
