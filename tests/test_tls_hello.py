@@ -154,6 +154,7 @@ def _sni(name: bytes) -> bytes:
         (b"\x16\x03\x01\x00\x10\x01\x00\x00\x20", "does not fit in the first record"),
         (_hello_with(_sni(b"a.example") + _sni(b"b.example")), "appears twice"),
         (_hello_with(_sni(b"bad name.example")), "not a DNS name"),
+        (_hello_with(_sni(b"a.example\n")), "not a DNS name"),  # no newline into the log
         (_hello_with(_sni(b"caf\xc3\xa9.example")), "not ASCII"),
         (_hello_with(b"\x00\x10\x00\x03\x00\x01\x00"), "ALPN protocol name is empty"),
         (_hello_with(b"\x00\x00\x00\x09"), "runs past"),
