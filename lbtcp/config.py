@@ -883,6 +883,10 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     fleet = _parse_fleet(top.sub("fleet"), source)
     top.finish()
 
+    if fleet is not None and global_.workers != 1:
+        # Fleet changes are applied in the control plane; that they reach every worker has
+        # not been tested yet, so the combination is refused rather than trusted.
+        errors.append("fleet: [fleet] with workers > 1 is not supported yet; use workers = 1")
     if not listeners and "listeners" not in top.table:
         errors.append("listeners: at least one [listeners.NAME] table is required")
     seen_binds: dict[str, str] = {}

@@ -316,3 +316,9 @@ def test_names_and_srv_are_dynamic_servers() -> None:
     ]
     servers = parse_config(data).pools["app"].servers
     assert [s.is_dynamic for s in servers] == [True, True, False]
+
+
+def test_fleet_with_more_than_one_worker_is_not_supported_yet() -> None:
+    data = minimal(fleet={"etcd": ["http://127.0.0.1:2379"]}, **{"global": {"workers": 2}})
+    errors = errors_of(data)
+    assert errors == ["fleet: [fleet] with workers > 1 is not supported yet; use workers = 1"]
