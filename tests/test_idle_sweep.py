@@ -11,6 +11,8 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -182,8 +184,11 @@ def test_a_shorter_timeout_brings_the_sweep_forward() -> None:
     assert short.term == TERM_IDLE
 
 
-def test_real_loop_closes_an_idle_session() -> None:
-    """The sweep on asyncio's own loop (a real TimerHandle), not only on the fake one."""
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_real_loop_closes_an_idle_session(
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """The sweep on a real loop (asyncio's and uvloop's timers), not only on the fake one."""
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -195,4 +200,11 @@ def test_real_loop_closes_an_idle_session() -> None:
             await asyncio.sleep(0.01)
         assert loop.time() - start >= 0.08
 
-    asyncio.run(scenario())
+    loop = new_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert not errors
