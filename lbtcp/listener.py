@@ -546,8 +546,9 @@ class Listener:
         again at the smallest step still needed; stop while no session has a timeout.
 
         Each session is seen every step of its own timeout or more often, so it is closed
-        between ``idle_timeout`` and ``idle_timeout * 9/8`` after its last byte, as a timer
-        per session did."""
+        between ``idle_timeout`` and ``idle_timeout`` + two steps (1/4 of it) after its last
+        byte: the byte is noticed up to one step late, the silence up to one more. That is the
+        bound a timer per session had (tests/test_idle_sweep.py checks it)."""
         self._idle_handle = None
         now = self.loop.time()
         step = 0.0
