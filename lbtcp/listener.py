@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,7 +40,7 @@ from lbtcp.pool import Pool, Server
 from lbtcp.proxy_accept import HeaderReader, InspectedSession, RoutingSession
 from lbtcp.proxy_protocol import encode
 from lbtcp.ratelimit import RateLimiter
-from lbtcp.relay import CLOSED, Session, UpstreamProtocol, reset_transport
+from lbtcp.relay import CLOSED, Session, UpstreamProtocol, idle_step, reset_transport
 from lbtcp.tls_hello import Router
 
 TERM_NO_HEALTHY = "NH"
@@ -50,6 +51,15 @@ TERM_LIMIT = "LM"
 TERM_PROXY_PROTOCOL = "PP"
 
 REFUSAL_REASONS = ("no_healthy", "acl", "limit", "proxy_protocol")
+
+# The protocol classes, chosen once at import: the traced ones only for a debugging run
+# (lbtcp.sessiontrace), so that a release pays nothing per session for the option.
+SessionClass: type[Session] = Session
+UpstreamClass: type[UpstreamProtocol] = UpstreamProtocol
+if os.environ.get("LBTCP_SESSION_TRACE"):
+    from lbtcp.sessiontrace import TracedSession, TracedUpstream
+
+    SessionClass, UpstreamClass = TracedSession, TracedUpstream
 
 
 def _deadline(entry: tuple[float, RoutingSession]) -> float:
@@ -128,6 +138,10 @@ class Listener:
         self.rate_limiter = (
             RateLimiter(config.max_rate_per_source) if config.max_rate_per_source else None
         )
+        # The idle sweep: one timer for every session of this listener (see watch_idle).
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_due = 0.0
+        self._idle_step = 0.0
 
     @property
     def active(self) -> int:
@@ -152,7 +166,7 @@ class Listener:
             self.pools = tuple({id(p): p for p in every}.values())
         loop = self.loop
         if config.proxy_protocol == "off" and self.router is None:
-            self._factory = lambda: Session(self, loop)
+            self._factory = lambda: SessionClass(self, loop)
         elif config.proxy_protocol == "off":
             self._factory = lambda: RoutingSession(self)
         else:
@@ -225,6 +239,7 @@ class Listener:
             server.close()
 
     def close_sessions(self, term: str) -> None:
+        self.stop_idle_sweep()
         for reader in list(self.readers):
             reader.abandon()
         inspecting = self.inspecting
@@ -399,6 +414,14 @@ class Listener:
         Each attempt is bounded by a timer that cancels this task, rather than by a wrapper
         task (``wait_for``): one task per session, however many attempts it takes.
         """
+        try:
+            await self._attempts(session, server)
+        finally:
+            # A finished task (and its coroutine) is about 700 bytes the idle session would
+            # otherwise keep until it ends.
+            session.connect_task = None
+
+    async def _attempts(self, session: Session, server: Server) -> None:
         loop = self.loop
         pool = session.pool
         assert pool is not None  # set in session_accepted
@@ -410,6 +433,8 @@ class Listener:
         task = session.connect_task
         assert task is not None
         timed_out = False
+        # The servers tried for this client: only here, an idle session keeps no list.
+        tried: list[Server] = []
 
         def expire() -> None:
             nonlocal timed_out
@@ -417,11 +442,11 @@ class Listener:
             task.cancel()
 
         while True:
-            session.tried.append(server)
+            tried.append(server)
             timeout = min(config.connect_timeout, deadline - loop.time())
             if timeout <= 0:
                 break
-            protocol = UpstreamProtocol(session)
+            protocol = UpstreamClass(session)
             timed_out = False
             handle = loop.call_later(timeout, expire)
             try:
@@ -466,11 +491,9 @@ class Listener:
                 handle.cancel()
             if session.finished:
                 return
-            if len(session.tried) > config.retries or loop.time() >= deadline:
+            if len(tried) > config.retries or loop.time() >= deadline:
                 break
-            next_server = pool.choose(
-                pool.client(session.client_ip, session.client_port), session.tried
-            )
+            next_server = pool.choose(pool.client(session.client_ip, session.client_port), tried)
             if next_server is None:
                 break
             server = next_server
@@ -498,6 +521,59 @@ class Listener:
 
     def sessions_of(self, server: Server) -> list[Session]:
         return [session for session in self.sessions if session.server is server]
+
+    # --- idle timeout --------------------------------------------------------------------
+
+    def watch_idle(self, session: Session) -> None:
+        """Called by ``Session.attach_upstream`` for a session with an idle timeout: make sure
+        the sweep runs at least every ``idle_step`` of that timeout."""
+        step = idle_step(session.idle_timeout)
+        handle = self._idle_handle
+        if handle is not None and self._idle_step <= step:
+            return  # already sweeping often enough
+        due = self.loop.time() + step
+        if handle is not None:
+            if self._idle_due <= due:
+                self._idle_step = step  # keeps the sooner turn, then sweeps at this step
+                return
+            handle.cancel()
+        self._idle_step = step
+        self._idle_due = due
+        self._idle_handle = self.loop.call_at(due, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Timer callback: check every watched session, close the idle ones (``CI``), and run
+        again at the smallest step still needed; stop while no session has a timeout.
+
+        Each session is seen every step of its own timeout or more often, so it is closed
+        between ``idle_timeout`` and ``idle_timeout`` + two steps (1/4 of it) after its last
+        byte: the byte is noticed up to one step late, the silence up to one more. That is the
+        bound a timer per session had (tests/test_idle_sweep.py checks it)."""
+        self._idle_handle = None
+        now = self.loop.time()
+        step = 0.0
+        for session in list(self.sessions):
+            if session.idle_timeout > 0 and session.upstream is not None:
+                try:
+                    watched = session.check_idle(now)
+                except Exception as exc:  # a bug must cost one session, not the sweep
+                    self.loop.call_exception_handler(
+                        {"message": "idle check failed", "exception": exc, "protocol": session}
+                    )
+                    continue
+                if watched:
+                    own = idle_step(session.idle_timeout)
+                    step = own if step == 0.0 or own < step else step
+        if step > 0.0:
+            self._idle_step = step
+            self._idle_due = now + step
+            self._idle_handle = self.loop.call_at(self._idle_due, self._sweep_idle)
+
+    def stop_idle_sweep(self) -> None:
+        """Cancel the sweep timer (the listener is going away)."""
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
 
     # --- ending --------------------------------------------------------------------------
 

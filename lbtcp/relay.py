@@ -58,6 +58,14 @@ class SessionOwner(Protocol):
 
     def session_finished(self, session: Session) -> None: ...
 
+    def watch_idle(self, session: Session) -> None: ...
+
+
+def idle_step(timeout: float) -> float:
+    """How often idle sessions with ``timeout`` are checked: eight times per period keeps
+    the timeout within 1/8 of its value without reading the clock on every chunk."""
+    return max(timeout / 8.0, 0.01)
+
 
 def reset_transport(transport: asyncio.BaseTransport) -> None:
     """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
@@ -133,7 +141,6 @@ class Session(asyncio.Protocol):
         "destination",
         "down_state",
         "finished",
-        "idle_handle",
         "idle_mark",
         "idle_seen_at",
         "idle_timeout",
@@ -146,7 +153,6 @@ class Session(asyncio.Protocol):
         "server",
         "started_at",
         "term",
-        "tried",
         "up_state",
         "upstream",
         "upstream_paused",
@@ -160,7 +166,6 @@ class Session(asyncio.Protocol):
         self.server: Server | None = None
         # The pool this session uses: set by the listener (or by SNI routing before that).
         self.pool: Pool | None = None
-        self.tried: list[Server] = []
         self.client_ip = ""
         self.client_port = 0
         # The original destination from an accepted PROXY header (None: lbtcp's own address).
@@ -168,7 +173,8 @@ class Session(asyncio.Protocol):
         # up = client -> server, down = server -> client
         self.up_state = OPEN
         self.down_state = OPEN
-        self.pending: list[bytes] | None = []
+        # Made on the first early chunk: most clients send nothing before the server is up.
+        self.pending: list[bytes] | None = None
         self.pending_size = 0
         self.pending_eof = False
         self.client_paused = False
@@ -180,7 +186,6 @@ class Session(asyncio.Protocol):
         self.connect_ms = -1.0
         self.connect_task: asyncio.Task[None] | None = None
         self.idle_timeout = 0.0
-        self.idle_handle: asyncio.TimerHandle | None = None
         self.idle_mark = -1
         self.idle_seen_at = 0.0
         self.term = TERM_NORMAL
@@ -216,11 +221,13 @@ class Session(asyncio.Protocol):
             upstream.write(data)
             return
         pending = self.pending
-        if pending is not None:
+        if pending is None:
+            self.pending = [data]
+        else:
             pending.append(data)
-            self.pending_size += len(data)
-            if self.pending_size >= PENDING_LIMIT:
-                self.set_client_reading(False)
+        self.pending_size += len(data)
+        if self.pending_size >= PENDING_LIMIT:
+            self.set_client_reading(False)
 
     def eof_received(self) -> bool:
         """The client shut down its write side."""
@@ -340,7 +347,9 @@ class Session(asyncio.Protocol):
             self.shut_up_direction()
         if self.idle_timeout > 0:
             self.idle_seen_at = self.loop.time()
-            self.idle_handle = self.loop.call_later(self._idle_step(), self._check_idle)
+            # One timer per listener sweeps its sessions, rather than a timer per session:
+            # a TimerHandle and its loop-side timer cost about 600 bytes per idle session.
+            self.owner.watch_idle(self)
 
     def upstream_lost(self, exc: Exception | None) -> None:
         """The server transport is gone: end the session (the client gets what was sent)."""
@@ -355,25 +364,19 @@ class Session(asyncio.Protocol):
 
     # --- idle timeout --------------------------------------------------------------------
 
-    def _idle_step(self) -> float:
-        # Checking eight times per period keeps the timeout within 1/8 of its value
-        # without reading the clock on every chunk.
-        return max(self.idle_timeout / 8.0, 0.01)
-
-    def _check_idle(self) -> None:
-        """Timer callback: close the session after idle_timeout with no bytes either way."""
-        self.idle_handle = None
-        if self.finished:
-            return
-        now = self.loop.time()
+    def check_idle(self, now: float) -> bool:
+        """Called by the owner's idle sweep (every ``idle_step`` of the timeout): close the
+        session after idle_timeout with no bytes either way. False once it is closed."""
+        if self.finished or (self.up_state == CLOSED and self.down_state == CLOSED):
+            return False
         mark = self.bytes_from_client + self.bytes_to_client
         if mark != self.idle_mark:
             self.idle_mark = mark
             self.idle_seen_at = now
         elif now - self.idle_seen_at >= self.idle_timeout:
             self.close(TERM_IDLE, abort=True)
-            return
-        self.idle_handle = self.loop.call_later(self._idle_step(), self._check_idle)
+            return False
+        return True
 
     # --- ending --------------------------------------------------------------------------
 
@@ -402,9 +405,6 @@ class Session(asyncio.Protocol):
         if self.client is not None and not self.client.is_closing():
             return
         self.finished = True
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-            self.idle_handle = None
         try:
             self.owner.session_finished(self)
         except Exception as exc:
