@@ -443,14 +443,6 @@ def _routes(reader: _Reader) -> tuple[RouteConfig, ...]:
     return tuple(routes)
 
 
-def _reject_unbuilt(reader: _Reader, key: str, message: str) -> None:
-    """A key of DESIGN.md that later work builds: refused as "not supported yet", never
-    accepted and ignored (nor reported as a typo)."""
-    if reader.has(key):
-        reader.seen.add(key)
-        reader.error(message, key)
-
-
 def _valid_name(kind: str, name: str, errors: list[str], path: str) -> None:
     if not _NAME_RE.match(name):
         errors.append(f"{path}: {kind} name {name!r} may hold only letters, digits, '_', '-', '.'")
