@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from time import monotonic
 
+from lbtcp.acceptor import OUT_OF_RESOURCES, Acceptor
 from lbtcp.addresses import format_address, parse_endpoint
 from lbtcp.config import ListenerConfig
 from lbtcp.counters import SESSION_BUCKETS, Histogram
@@ -108,10 +109,12 @@ class Listener:
         self.pool = pool
         self.log = log
         self.loop = loop
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[Acceptor] = []
         self.addresses: list[str] = []
-        # bind string ("127.0.0.1:8080", "fd:web") -> its servers and their addresses
-        self.bound: dict[str, list[tuple[asyncio.AbstractServer, str]]] = {}
+        # bind string ("127.0.0.1:8080", "fd:web") -> its acceptors and their addresses
+        self.bound: dict[str, list[tuple[Acceptor, str]]] = {}
+        # When accept() last ran out of descriptors (logged at most once a second).
+        self._accept_error_logged = -1.0
         self.sessions: set[Session] = set()
         self.per_source: dict[str, int] = {}
         self.accepting = False
@@ -196,16 +199,31 @@ class Listener:
         """Accept on more listening sockets, each kept under its bind string."""
         for bind, group in sockets.items():
             for sock in group:
+                # listen() again: a socket handed over (socket activation, a reload) may
+                # have been listening with another backlog.
+                sock.listen(self.config.backlog)
                 # Through self: a reload may switch the protocol (PROXY headers on or off)
                 # for the sockets that stay.
-                server = await self.loop.create_server(
-                    lambda: self._factory(), sock=sock, backlog=self.config.backlog
-                )
+                server = Acceptor(self.loop, sock, lambda: self._factory(), self._accept_failed)
                 self.servers.append(server)
                 host, port = sock.getsockname()[:2]
                 address = format_address(host, port)
                 self.addresses.append(address)
                 self.bound.setdefault(bind, []).append((server, address))
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """accept() or a server connect ran out of descriptors or memory: the acceptors
+        pause (lbtcp/acceptor.py). Logged at most once a second."""
+        now = self.loop.time()
+        if now - self._accept_error_logged >= 1.0 or self._accept_error_logged < 0:
+            self._accept_error_logged = now
+            self.log.event(
+                "accept_paused",
+                "out of descriptors or memory: new clients wait in the kernel's queue "
+                "(raise LimitNOFILE / ulimit -n?)",
+                listener=self.name,
+                error=exc.strerror or str(exc),
+            )
 
     def close_binds(self, binds: Iterable[str]) -> None:
         """Stop accepting on these bind strings (a reload dropped them); sessions go on."""
@@ -465,6 +483,15 @@ class Listener:
                     task.uncancel()
                 self._report(pool, server, False, "timeout")
             except OSError as exc:
+                if exc.errno in OUT_OF_RESOURCES:
+                    # lbtcp's own shortage (descriptors, memory), not the server's fault:
+                    # no passive-health report, no retry (it would fail alike), and no new
+                    # clients for a moment.
+                    self._accept_failed(exc)
+                    for acceptor in self.servers:
+                        acceptor.pause()
+                    all_timeouts = False
+                    break
                 if exc.errno == errno.ETIMEDOUT:
                     self._report(pool, server, False, "timeout")
                 else:

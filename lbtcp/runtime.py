@@ -804,7 +804,7 @@ class Runtime:
                 handover[bind] = [
                     socket.socket(fileno=os.dup(s.fileno()))
                     for server, _address in listener.bound.get(bind, [])
-                    for s in server.sockets  # type: ignore[attr-defined]
+                    for s in server.sockets
                 ]
         return handover
 

@@ -1,0 +1,153 @@
+"""Accepting clients in batches: up to ``ACCEPT_BATCH`` per loop turn and listening socket.
+
+Why lbtcp accepts by itself rather than through ``loop.create_server``: libuv (1.45 and
+later, under uvloop) accepts one connection per readiness event of a listening socket, that
+is one per loop turn. A loop turn that also carries 2,000 busy sessions lasts tens of
+milliseconds, so a burst of new clients (a reconnect storm, a load generator's start) drained
+from the kernel's accept queue at one per turn waited seconds to be accepted: every one of
+them had already sent its request, and timed out. HAProxy bounds the same work per turn by
+``tune.maxaccept`` (64 by default), which lets a burst in quickly without starving the
+sessions already served; lbtcp does the same with ``ACCEPT_BATCH``.
+
+Each accepted socket becomes a uvloop transport through ``loop.connect_accepted_socket``,
+the public call for sockets accepted outside the loop. It is a coroutine whose only wait is
+for ``connection_made`` to have run; ``start_transport`` steps it by hand (as a Task would,
+without a Task and the extra loop turn it costs per client) and finishes it when that wait
+is over, so the transport exists before the loop turn ends, as it did with the loop's own
+server.
+
+Running out of file descriptors (EMFILE, ENFILE) or kernel memory (ENOBUFS, ENOMEM) leaves
+the connection in the accept queue and the socket readable: the acceptor then stops watching
+the socket for ``ACCEPT_PAUSE`` seconds rather than spinning on it, and says so through
+``on_error``. The waiting clients are accepted when descriptors are free again (libuv instead
+accepted and closed them). The listener pauses its acceptors the same way when a server
+connection cannot be opened for lack of descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable
+
+ACCEPT_BATCH = 64
+ACCEPT_PAUSE = 0.1
+# accept() failures that mean "this process (or the system) is out of a resource": try again
+# later. Others (ECONNABORTED: the client left while queued; EPERM from a firewall hook)
+# concern one connection only.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Acceptor:
+    """Accepts on one listening socket and gives each client a transport whose protocol
+    comes from ``factory()``. ``sockets`` and ``close()`` as ``asyncio.Server`` has them."""
+
+    __slots__ = ("_factory", "_fd", "_loop", "_on_error", "_resume", "_sock", "closed")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+        on_error: Callable[[OSError], None] | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._factory = factory
+        self._on_error = on_error
+        self._resume: asyncio.TimerHandle | None = None
+        self.closed = False
+        loop.add_reader(self._fd, self._accept_batch)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return () if self.closed else (self._sock,)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (clients still queued get a reset,
+        as with ``asyncio.Server.close``). Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        else:
+            self._loop.remove_reader(self._fd)
+        self._sock.close()
+
+    def _accept_batch(self) -> None:
+        """Reader callback: the socket has clients queued. Take up to ACCEPT_BATCH of them."""
+        accept = self._sock.accept
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, _address = accept()
+            except (BlockingIOError, InterruptedError):
+                return  # the queue is empty
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in OUT_OF_RESOURCES:
+                    self.pause()
+                    if self._on_error is not None:
+                        self._on_error(exc)
+                    return
+                if self.closed:
+                    return
+                continue  # about that one connection only
+            try:
+                start_transport(self._loop, client, self._factory)
+            except Exception as exc:  # a bug must cost one client, not the listener
+                client.close()
+                self._loop.call_exception_handler(
+                    {"message": "accepting a client failed", "exception": exc}
+                )
+
+    def pause(self) -> None:
+        """Stop accepting for ACCEPT_PAUSE seconds (out of descriptors: here, or when the
+        listener could not open a server connection for lack of them)."""
+        if self.closed or self._resume is not None:
+            return
+        self._loop.remove_reader(self._fd)
+        self._resume = self._loop.call_later(ACCEPT_PAUSE, self._unpause)
+
+    def _unpause(self) -> None:
+        self._resume = None
+        if not self.closed:
+            self._loop.add_reader(self._fd, self._accept_batch)
+            self._accept_batch()
+
+
+def start_transport(
+    loop: asyncio.AbstractEventLoop,
+    client: socket.socket,
+    factory: Callable[[], asyncio.Protocol],
+) -> None:
+    """Make the transport of an accepted ``client`` now (see the module doc); its protocol's
+    ``connection_made`` runs in the loop's next callbacks, as for the loop's own server."""
+    coro = loop.connect_accepted_socket(factory, client)
+    try:
+        waiting = coro.send(None)
+    except StopIteration:  # done without waiting (not uvloop's way, but allowed)
+        return
+    except BaseException:
+        coro.close()
+        raise
+    if not isinstance(waiting, asyncio.Future):  # a loop that waits on something else
+        coro.close()
+        raise RuntimeError(f"connect_accepted_socket waited on {waiting!r}")
+
+    def finish(_done: asyncio.Future[object]) -> None:
+        try:
+            coro.send(None)
+        except StopIteration:
+            pass
+        except Exception as exc:  # connection_made failed: the loop's handler says so
+            loop.call_exception_handler(
+                {"message": "connection_made failed on an accepted client", "exception": exc}
+            )
+
+    waiting.add_done_callback(finish)
