@@ -184,15 +184,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_out_of_descriptors_pauses_and_recovers(tmp_path: Path, backends: Any) -> None:
+def test_out_of_descriptors_pauses_and_recovers(start_lbtcp: Any, backends: Any) -> None:
     """lbtcp under a 64-descriptor limit with more clients than it can hold: it logs
     accept_paused, does not spin on the readable socket, does not blame the server (its
     connects failed for lbtcp's own lack of descriptors), answers every client (served, or
     closed), and serves new clients once descriptors are free again."""
     echo = backends.echo()
-    proc = Lbtcp(
+    proc: Lbtcp = start_lbtcp(  # the fixture stops it however the test ends
         config([echo], global_extra="access_log = false"),
-        tmp_path,
         prefix=("prlimit", "--nofile=64:64", "--"),
     )
     address = proc.address()
