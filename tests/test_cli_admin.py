@@ -37,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
+from lbtcp import cli
 from lbtcp.addresses import Endpoint
 from lbtcp.admin import table
 from lbtcp.admin.client import (
@@ -773,13 +775,32 @@ def test_admin_that_hangs_times_out_with_one_line() -> None:
 
 
 def test_default_timeout_is_five_seconds() -> None:
+    # The default every admin command takes, as the command line states it ...
+    for command in (cli.status, cli.drain, cli.enable, cli.disable, cli.weight):
+        option = next(param for param in command.params if param.name == "timeout")
+        assert option.default == 5.0, command.name
+    usage = lbtcp("weight", "--help").stdout
+    assert re.search(r"--timeout SECONDS +Seconds to wait [^[]*\[default: 5\.0\b", usage), usage
+
+
+def test_one_timeout_bounds_the_whole_command() -> None:
+    """The ``--timeout`` (5 s unless given, see above) bounds the whole command: one timeout,
+    not one for the /status read and another for the POST. Run in this process (the same
+    click command as ``lbtcp weight``), so the measured time is the command's own, without
+    an interpreter start-up, and with 1 s so that the test does not wait out 5 s."""
     with blackhole() as port:
         started = time.monotonic()
-        result = lbtcp("weight", "app", "s1", "3", "--admin", f"127.0.0.1:{port}")
+        result = CliRunner().invoke(
+            cli.main, ["weight", "app", "s1", "3", "--admin", f"127.0.0.1:{port}", "--timeout", "1"]
+        )
         elapsed = time.monotonic() - started
-    assert_one_line_failure(result, r"no answer within 5s$")
-    # One timeout, not one for the /status read and another for the POST.
-    assert 5 <= elapsed < 9
+    # As assert_one_line_failure checks of a subprocess: exit 1, one line, nothing on stdout.
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.search(r"^lbtcp: .*no answer within 1s$", lines[0]), lines[0]
+    assert 1 <= elapsed < 1.8, elapsed
 
 
 def test_server_errors_reach_the_operator_as_one_line() -> None:
@@ -1166,7 +1187,9 @@ def test_admin_on_ipv6_loopback(backends: Backends, start_lbtcp: StartLbtcp) -> 
 def test_status_into_a_pipe_that_closes_early(args: tuple[str, ...]) -> None:
     """``lbtcp status | head -1`` with a large document: exit 0, no traceback."""
     doc = sample_document()
-    doc["pools"][0]["servers"] = [dict(SERVER_A, name=f"s{i}") for i in range(3000)]
+    # 1,500 rows: about 180 KB of text, the smallest of the three outputs, well over the 64 KiB
+    # of a pipe, so the writer is still writing when the reader leaves.
+    doc["pools"][0]["servers"] = [dict(SERVER_A, name=f"s{i}") for i in range(1500)]
     with peer(lambda path: _json(200, doc)) as server:
         admin = f"127.0.0.1:{server.server_address[1]}"
         proc = subprocess.Popen(

@@ -299,6 +299,10 @@ def test_two_thousand_stalled_headers_do_not_stop_a_transfer(
     print(f"transfer of 32 MiB with 2000 stalled: {transfer:.2f}s; RSS growth {growth / MiB:.1f}")
 
 
+# Connections in flight at once in the flood test (16: lbtcp, not the test, is then the limit).
+FLOOD_CLIENTS = 16
+
+
 @pytest.mark.slow
 def test_a_flood_of_distinct_sources_keeps_memory_bounded(
     start_lbtcp: StartLbtcp, tmp_path: Path
@@ -317,12 +321,28 @@ def test_a_flood_of_distinct_sources_keeps_memory_bounded(
     rss: dict[int, int] = {}
 
     def run(start: int, stop: int) -> None:
-        for i in range(start, stop):
-            ip = f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"
-            with socket.create_connection(address, timeout=5) as sock:
+        # Up to FLOOD_CLIENTS connections in flight, so that lbtcp always has the next one waiting
+        # rather than idling while the test makes it: the same sources, in the same order,
+        # each connection made, sent its header and read until lbtcp's refusal.
+        poller = select.poll()
+        open_: dict[int, socket.socket] = {}
+        deadline = time.monotonic() + 120
+        i = start
+        while i < stop or open_:
+            while i < stop and len(open_) < FLOOD_CLIENTS:
+                ip = f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"
+                sock = socket.create_connection(address, timeout=5)
                 sock.sendall(encode_v2((ip, 1), ("192.0.2.1", 1)))
+                open_[sock.fileno()] = sock
+                poller.register(sock, select.POLLIN)
+                i += 1
+            assert time.monotonic() < deadline, f"lbtcp stopped refusing at source {i}"
+            for fd, _ in poller.poll(1000):
+                sock = open_.pop(fd)
+                poller.unregister(fd)
                 with contextlib.suppress(ConnectionResetError):
                     sock.recv(1)
+                sock.close()
 
     run(0, 5_000)
     rss[5_000] = lb.rss_bytes()

@@ -242,6 +242,25 @@ def field(line: str, key: str) -> str:
     return match.group(1)
 
 
+@pytest.fixture(scope="module")
+def routing(
+    certificates: dict[str, tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[dict[str, TlsBackend], Lbtcp, Path]]:
+    """One lbtcp and its backends for every case of the routing table below: each case makes
+    one session and looks only at what that session added (accepts, ALPN, access line)."""
+    tmp = tmp_path_factory.mktemp("routing")
+    started = {name: TlsBackend(name, *certificates[name]) for name in POOLS}
+    try:
+        lbtcp = Lbtcp(sni_config(started), tmp)
+        try:
+            yield started, lbtcp, tmp
+        finally:
+            lbtcp.stop()
+    finally:
+        for backend in started.values():
+            backend.close()
+
+
 @pytest.mark.parametrize(
     ("server_name", "pool"),
     [
@@ -258,29 +277,28 @@ def field(line: str, key: str) -> str:
     ],
 )
 def test_tls_clients_reach_the_pool_of_their_server_name(
-    tmp_path: Path,
-    backends: dict[str, TlsBackend],
+    routing: tuple[dict[str, TlsBackend], Lbtcp, Path],
     certificates: dict[str, tuple[Path, Path]],
     server_name: str | None,
     pool: str,
 ) -> None:
-    lbtcp = Lbtcp(sni_config(backends), tmp_path)
-    try:
-        address = lbtcp.address()
-        context = client_context(certificates, tmp_path)
-        context.set_alpn_protocols(["h2"])
-        assert tls_echo(address, context, server_name) == f"{pool}-backend"
-        assert len(backends[pool].accepted) == 1
-        assert backends[pool].alpn == ["h2"]
-        assert sum(len(b.accepted) for b in backends.values()) == 1
-        (line,) = access_lines(lbtcp, 1)
-        assert field(line, "pool") == pool
-        assert field(line, "server") == f"{pool}1"
-        assert field(line, "sni") == (server_name.lower() if server_name else "-")
-        assert field(line, "alpn") == "h2"
-        assert field(line, "term") == "--"
-    finally:
-        lbtcp.stop()
+    backends, lbtcp, tmp_path = routing
+    accepted = {name: len(backend.accepted) for name, backend in backends.items()}
+    alpn = len(backends[pool].alpn)
+    logged = len(lbtcp.matching(r"\baccess\b"))
+    address = lbtcp.address()
+    context = client_context(certificates, tmp_path)
+    context.set_alpn_protocols(["h2"])
+    assert tls_echo(address, context, server_name) == f"{pool}-backend"
+    assert len(backends[pool].accepted) == accepted[pool] + 1
+    assert backends[pool].alpn[alpn:] == ["h2"]
+    assert sum(len(b.accepted) - accepted[name] for name, b in backends.items()) == 1
+    (line,) = access_lines(lbtcp, logged + 1)[logged:]
+    assert field(line, "pool") == pool
+    assert field(line, "server") == f"{pool}1"
+    assert field(line, "sni") == (server_name.lower() if server_name else "-")
+    assert field(line, "alpn") == "h2"
+    assert field(line, "term") == "--"
 
 
 def test_plain_tcp_clients_land_in_the_default_pool_at_once(

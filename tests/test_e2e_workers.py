@@ -135,27 +135,26 @@ def test_two_thousand_sessions_spread_over_both_workers(
     assert lb.proc.pid not in pids
 
 
-def _probe_count(backends: Backends, start_lbtcp: StartLbtcp, workers: int, tmp: Path) -> int:
-    port = backends.echo()
-    health = '[pools.app.health]\ninterval = "200ms"\njitter = 0\ninitial = "healthy"\n'
-    text = workers_config([port], workers) + health
-    lb = Lbtcp(text, tmp)
-    try:
-        worker_pids(lb, workers) if workers > 1 else None
-        start = backends.accepted[port]
-        time.sleep(2.0)  # the measuring window itself: probes are counted over 2 s
-        return backends.accepted[port] - start
-    finally:
-        lb.stop()
-
-
 def test_probes_run_once_for_the_group_not_once_per_worker(
     backends: Backends, start_lbtcp: StartLbtcp, tmp_path: Path
 ) -> None:
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    one = _probe_count(backends, start_lbtcp, 1, tmp_path / "one")
-    two = _probe_count(backends, start_lbtcp, 2, tmp_path / "two")
+    # One lbtcp with one worker and one with two, each probing its own server, side by side:
+    # their probes are counted over the same 2 s window.
+    ports: dict[int, int] = {}
+    started: list[Lbtcp] = []
+    try:
+        for workers in (1, 2):
+            ports[workers] = port = backends.echo()
+            health = '[pools.app.health]\ninterval = "200ms"\njitter = 0\ninitial = "healthy"\n'
+            (tmp_path / str(workers)).mkdir()
+            started.append(Lbtcp(workers_config([port], workers) + health, tmp_path / str(workers)))
+        worker_pids(started[1], 2)
+        start = {workers: backends.accepted[port] for workers, port in ports.items()}
+        time.sleep(2.0)  # the measuring window itself: probes are counted over 2 s
+        one, two = (backends.accepted[ports[w]] - start[w] for w in (1, 2))
+    finally:
+        for lb in started:
+            lb.stop()
     assert 8 <= one <= 11, one  # 2 s / 200 ms
     assert abs(two - one) <= 2, (one, two)  # ±1 per interval at the window's two ends
 

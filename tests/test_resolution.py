@@ -915,7 +915,11 @@ def test_server_stops_answering_keeps_stale_addresses_then_recovers(
 
     async def main() -> None:
         rec = Recorder()
-        watcher = rec.watcher(config_for(server, timeout=0.5, stale_for=stale_for))
+        # Retries every 0.5 s at most (not 1 s doubling): the retry and the recovery after
+        # the resume below come within 0.5 s; the stale expiry is stale_for's alone.
+        watcher = rec.watcher(
+            config_for(server, timeout=0.5, stale_for=stale_for), retry_base=0.5, retry_cap=0.5
+        )
         watcher.watch_name("k", "db.test", 80, 1, False)
         await watcher.start()
         assert hosts_of(watcher.current("k")) == {"10.0.2.1"}

@@ -116,7 +116,7 @@ class AdminConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         try:
             self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
-            self._arm_timer(REQUEST_TIMEOUT, self._on_timeout)
+            self._arm_timer(self.server.request_timeout, self._on_timeout)
             self.server.admit(self)
         except Exception as exc:
             self._fail(exc)
@@ -296,7 +296,7 @@ class AdminConnection(asyncio.Protocol):
             return
         self._hconn.start_next_cycle()
         self._started = bool(self._hconn.trailing_data[0])
-        self._arm_timer(REQUEST_TIMEOUT, self._on_timeout)
+        self._arm_timer(self.server.request_timeout, self._on_timeout)
         self.server.waiting(self)
         if self._started or self._hconn.trailing_data[1]:
             self._schedule()  # pipelined bytes (or an EOF) are already here
@@ -346,9 +346,8 @@ class AdminConnection(asyncio.Protocol):
             if self._served and not self._started:
                 self._close()  # an idle keep-alive connection: no answer was asked for
                 return
-            self._final(
-                error(408, f"the request did not arrive within {REQUEST_TIMEOUT:g} s", close=True)
-            )
+            timeout = self.server.request_timeout
+            self._final(error(408, f"the request did not arrive within {timeout:g} s", close=True))
         except Exception as exc:
             self._fail(exc)
 
@@ -429,12 +428,16 @@ class AdminServer:
         log: Log,
         loop: asyncio.AbstractEventLoop,
         max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
+        """``max_connections`` and ``request_timeout`` are the module's limits unless a test
+        sets smaller ones (lbtcp itself always uses the defaults)."""
         self.bind = address
         self.handler = handler
         self.log = log
         self.loop = loop
         self.max_connections = max_connections
+        self.request_timeout = request_timeout
         self.address = ""
         self._server: asyncio.AbstractServer | None = None
         # Open connections, the one that has waited longest for its client first.

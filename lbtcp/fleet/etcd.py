@@ -116,7 +116,9 @@ class EtcdClient:
             response = await self._http.post(
                 url, json=body, headers=self._headers() if auth else {}
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ssl.SSLError) as exc:
+            # ssl.SSLError: a TLS 1.3 server's alert (e.g. a refused client certificate)
+            # arrives after the handshake, on the first read, where httpx does not wrap it.
             self._rotate()
             raise EtcdError(f"{url}: {type(exc).__name__}: {exc}") from None
         try:
@@ -254,7 +256,9 @@ class EtcdClient:
                         yield [
                             _key_value(e.get("kv", {}), e.get("type") == "DELETE") for e in events
                         ]
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ssl.SSLError) as exc:
+            # ssl.SSLError: a TLS 1.3 server's alert (e.g. a refused client certificate)
+            # arrives after the handshake, on the first read, where httpx does not wrap it.
             self._rotate()
             raise EtcdError(f"{url}: {type(exc).__name__}: {exc}") from None
         raise EtcdError(f"{url}: the watch stream ended")
