@@ -9,7 +9,16 @@ hello byte by byte gives the same verdict as feeding it whole.
 What is read: the TLS record header (content type 22 = handshake, version 3.x, a length of
 1..16,384), the handshake header (type 1 = ClientHello, a 24-bit length), the ClientHello's
 fixed fields, and its extensions, with a bounds check before every read; ``server_name``
-(type 0, name type 0 = host_name) and ALPN (type 16) are kept. Only the first record is read:
+(type 0, name type 0 = host_name) and ALPN (type 16) are kept. The verdict waits for the
+whole ClientHello, but the extension walk stops as soon as both ``server_name`` and ALPN are
+read: the extensions after them (half of a common hello) are the TLS server's to validate,
+so a malformed or repeated extension after both gives a ``Hello``, not ``Invalid`` (the
+server then fails the handshake; the route was already known). Before that point, or in a
+hello without ALPN, any malformed extension is ``Invalid`` as before. The verdict on each
+of the two bodies is remembered by its bytes (``_NAMES``, ``_PROTOCOLS``: bounded, cleared
+when full), since a listener sees the same few names and ALPN lists again and again; a
+remembered verdict is the one the checks gave, so this changes the cost, never the answer.
+Only the first record is read:
 ``MAX_INSPECT`` = 5 + 16,384 bytes, one record's maximum, is all a client can make lbtcp
 hold. A ClientHello longer than its record (a handshake message fragmented over several
 records, which RFC 8446 allows but no common client sends for hellos under 16 KiB) is
@@ -56,6 +65,7 @@ _FIXED = struct.Struct("!BBBHBBH").unpack_from
 # A server_name body of one entry, the only shape clients send: list length, name type,
 # name length.
 _SNI_ENTRY = struct.Struct("!HBH").unpack_from
+T = TypeVar("T")
 _ROUTE_RE = re.compile(r"^(\*\.)?[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*$")
 
 
@@ -94,6 +104,10 @@ class Hello(NamedTuple):
     length: int  # bytes of the record header, handshake header and hello
 
 
+# A Hello built without the NamedTuple's own ``__new__`` (a Python function): one C call.
+_new_hello = tuple.__new__
+
+
 @dataclass(frozen=True, slots=True)
 class Invalid:
     """A TLS handshake record that is not a ClientHello lbtcp can read."""
@@ -107,6 +121,107 @@ Verdict = NeedMore | NotTls | Hello | Invalid
 def parse(data: bytes) -> Verdict:
     """The verdict on a connection's first bytes ``data`` (see the module doc)."""
     size = len(data)
+    if size < 9:
+        return _short(data, size)
+    # Every header field at once (one C call): the checks below run in the order the bytes
+    # come, so that a prefix of fewer than 9 bytes (``_short``) gets the same verdict.
+    first, major, _, record_length, kind, high, low = _FIXED(data)
+    if first != RECORD_HANDSHAKE or major != 3:
+        return NOT_TLS
+    if record_length == 0 or record_length > MAX_RECORD:
+        return Invalid(f"record length {record_length} is not 1..{MAX_RECORD}")
+    if kind != HANDSHAKE_CLIENT_HELLO:
+        return Invalid(f"handshake type {kind} is not a ClientHello")
+    end = 9 + ((high << 16) | low)
+    if end - 5 > record_length:  # the hello and its 4-byte header, past the record
+        return Invalid("the ClientHello does not fit in the first record")
+    if size < end:
+        return NEED_MORE
+    # The ClientHello's fixed fields: legacy_version (2) and random (32) from offset 9.
+    if end < 44:
+        return Invalid("ClientHello shorter than its fixed fields")
+    session_id = data[43]
+    if session_id > 32:
+        return Invalid(f"session id of {session_id} bytes (at most 32)")
+    at = 44 + session_id
+    if at + 2 > end:
+        return Invalid("ClientHello ends before its cipher suites")
+    suites = (data[at] << 8) | data[at + 1]
+    if suites < 2 or suites % 2:
+        return Invalid(f"cipher suites of {suites} bytes")
+    at += 2 + suites
+    if at + 1 > end:
+        return Invalid("ClientHello ends before its compression methods")
+    methods = data[at]
+    if methods < 1:
+        return Invalid("no compression method")
+    at += 1 + methods
+    if at > end:
+        return Invalid("ClientHello ends inside its compression methods")
+    if at == end:
+        return _new_hello(Hello, (None, (), end))  # no extensions at all (SSL 3.0 style)
+    if at + 2 > end:
+        return Invalid("ClientHello ends inside its extensions length")
+    if at + 2 + ((data[at] << 8) | data[at + 1]) != end:
+        return Invalid("extensions length does not match the ClientHello")
+    at += 2
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    # Only the two extensions we read are checked for repeats (RFC 8446 §4.2 forbids any):
+    # two server_name extensions would make the route ambiguous.
+    seen_name = seen_alpn = False
+    # The walk, the parse's inner loop, stops once both of ours are read: what follows
+    # them (half a dozen extensions in a common hello) is the TLS server's to validate,
+    # and that server refuses a malformed or repeated one. Reading from the hello alone
+    # lets struct's own bound check stand for "header past the end"; a skipped body past
+    # the end is caught once, after the walk.
+    hello = data if size == end else data[:end]
+    kind = 0
+    while at < end:
+        try:
+            kind, body_length = _HEADER(hello, at)
+        except struct.error:
+            return Invalid("an extension header runs past the ClientHello")
+        body_at = at + 4
+        at = body_at + body_length
+        if kind == 0:  # server_name
+            if at > end:
+                return Invalid("extension 0 runs past the ClientHello")
+            if seen_name:
+                return Invalid("extension 0 appears twice")
+            seen_name = True
+            body = hello[body_at:at]
+            name = _NAMES.get(body, _UNSEEN)
+            if name is _UNSEEN:
+                name = _learn(_NAMES, 1024, body, _server_name(body))
+            if name.__class__ is Invalid:
+                return name
+            server_name = name  # type: ignore[assignment]
+            if seen_alpn:
+                break
+        elif kind == 16:  # ALPN
+            if at > end:
+                return Invalid("extension 16 runs past the ClientHello")
+            if seen_alpn:
+                return Invalid("extension 16 appears twice")
+            seen_alpn = True
+            body = hello[body_at:at]
+            protocols = _PROTOCOLS.get(body, _UNSEEN)
+            if protocols is _UNSEEN:
+                protocols = _learn(_PROTOCOLS, 256, body, _alpn(body))
+            if protocols.__class__ is Invalid:
+                return protocols
+            alpn = protocols  # type: ignore[assignment]
+            if seen_name:
+                break
+    else:
+        if at > end:
+            return Invalid(f"extension {kind} runs past the ClientHello")
+    return _new_hello(Hello, (server_name, alpn, end))
+
+
+def _short(data: bytes, size: int) -> NeedMore | NotTls | Invalid:
+    """The verdict on fewer than 9 bytes: the same checks as ``parse``, as far as they go."""
     if size == 0:
         return NEED_MORE
     if data[0] != RECORD_HANDSHAKE:
@@ -124,122 +239,61 @@ def parse(data: bytes) -> Verdict:
         return NEED_MORE
     if data[5] != HANDSHAKE_CLIENT_HELLO:
         return Invalid(f"handshake type {data[5]} is not a ClientHello")
-    if size < 9:
-        return NEED_MORE
-    _, _, _, _, _, high, low = _FIXED(data)
-    hello_length = (high << 16) | low
-    if hello_length + 4 > record_length:
-        return Invalid("the ClientHello does not fit in the first record")
-    end = 9 + hello_length
-    if size < end:
-        return NEED_MORE
-    return _client_hello(data, 9, end)
+    return NEED_MORE
 
 
-def _client_hello(data: bytes, at: int, end: int) -> Hello | Invalid:
-    # legacy_version (2) and random (32)
-    at += 34
-    if at + 1 > end:
-        return Invalid("ClientHello shorter than its fixed fields")
-    session_id = data[at]
-    if session_id > 32:
-        return Invalid(f"session id of {session_id} bytes (at most 32)")
-    at += 1 + session_id
-    if at + 2 > end:
-        return Invalid("ClientHello ends before its cipher suites")
-    suites = (data[at] << 8) | data[at + 1]
-    if suites < 2 or suites % 2:
-        return Invalid(f"cipher suites of {suites} bytes")
-    at += 2 + suites
-    if at + 1 > end:
-        return Invalid("ClientHello ends before its compression methods")
-    methods = data[at]
-    if methods < 1:
-        return Invalid("no compression method")
-    at += 1 + methods
-    if at > end:
-        return Invalid("ClientHello ends inside its compression methods")
-    length = end
-    if at == end:
-        return Hello(None, (), length)  # no extensions at all (SSL 3.0 style)
-    if at + 2 > end:
-        return Invalid("ClientHello ends inside its extensions length")
-    extensions_end = at + 2 + ((data[at] << 8) | data[at + 1])
-    if extensions_end != end:
-        return Invalid("extensions length does not match the ClientHello")
-    at += 2
-    server_name: str | None = None
-    alpn: tuple[str, ...] = ()
-    # Only the two extensions we read are checked for repeats (RFC 8446 §4.2 forbids any):
-    # two server_name extensions would make the route ambiguous.
-    seen_name = seen_alpn = False
-    # The extension walk is the parse's inner loop (a dozen extensions in a common hello):
-    # reading from the hello alone lets struct's own bound check stand for "header past
-    # the end", and a body past the end is checked once after the walk (and before reading
-    # one of ours), with the same verdicts as a check per extension.
-    hello = data if len(data) == end else data[:end]
-    kind = 0
-    while at < end:
-        try:
-            kind, body_length = _HEADER(hello, at)
-        except struct.error:
-            return Invalid("an extension header runs past the ClientHello")
-        body_end = at + 4 + body_length
-        if kind != EXT_SERVER_NAME and kind != EXT_ALPN:
-            at = body_end
-            continue
-        if body_end > end:
-            return Invalid(f"extension {kind} runs past the ClientHello")
-        if kind == EXT_SERVER_NAME:
-            if seen_name:
-                return Invalid(f"extension {kind} appears twice")
-            seen_name = True
-            found = _server_name(data, at + 4, body_end)
-            if isinstance(found, Invalid):
-                return found
-            server_name = found
-        elif kind == EXT_ALPN:
-            if seen_alpn:
-                return Invalid(f"extension {kind} appears twice")
-            seen_alpn = True
-            protocols = _alpn(data, at + 4, body_end)
-            if isinstance(protocols, Invalid):
-                return protocols
-            alpn = protocols
-        at = body_end
-    if at > end:
-        return Invalid(f"extension {kind} runs past the ClientHello")
-    return Hello(server_name, alpn, length)
+_UNSEEN = object()  # not in a cache yet (None is a verdict: a server_name without a name)
+# What the two extensions' bodies said, by their bytes: a listener sees the same few names
+# (its routes') and ALPN lists again and again, and a lookup costs a fraction of checking a
+# name again. Bodies of at most _CACHED bytes only; a full cache starts afresh, so a client
+# sending new names each time costs one dict insert more, never memory.
+_NAMES: dict[bytes, str | Invalid | None] = {}
+_PROTOCOLS: dict[bytes, tuple[str, ...] | Invalid] = {}
+_CACHED = 300
 
 
-def _server_name(data: bytes, at: int, end: int) -> str | Invalid | None:
-    """The host_name of a server_name extension body (RFC 6066 §3)."""
-    if at == end:
+def _learn(cache: dict[bytes, T], size: int, body: bytes, verdict: T) -> T:
+    """``verdict`` on ``body``, kept in ``cache`` (of at most ``size`` entries)."""
+    if len(body) <= _CACHED:
+        if len(cache) >= size:
+            cache.clear()
+        cache[body] = verdict
+    return verdict
+
+
+def _server_name(body: bytes) -> str | Invalid | None:
+    """The host_name of a server_name extension ``body`` (RFC 6066 §3)."""
+    end = len(body)
+    if end == 0:
         return None  # an empty body: how a server acknowledges it; odd, but harmless
-    if at + 5 <= end:
+    if end >= 5:
         # The common shape, one host_name entry filling the list: check the name on the
-        # hello's bytes where they lie (no slice until it is known good).
-        listed, name_type, name_length = _SNI_ENTRY(data, at)
-        if name_type == 0 and listed == end - at - 2 and name_length == listed - 3:
-            name_at = at + 5
-            if name_length <= 254 and _HOST_BYTES_RE.fullmatch(data, name_at, end):
-                name = data[name_at:end].decode("ascii").lower()
-                return name[:-1] if name[-1] == "." else name
-    if at + 2 > end or at + 2 + ((data[at] << 8) | data[at + 1]) != end:
+        # body's bytes where they lie (no slice until it is known good).
+        listed, name_type, name_length = _SNI_ENTRY(body)
+        if (
+            name_type == 0
+            and listed == end - 2
+            and name_length == listed - 3
+            and name_length <= 254
+            and _HOST_BYTES_RE.fullmatch(body, 5)
+        ):
+            name = body[5:].decode("ascii").lower()
+            return name[:-1] if name[-1] == "." else name
+    if end < 2 or 2 + ((body[0] << 8) | body[1]) != end:
         return Invalid("server_name list length does not match its extension")
-    at += 2
+    at = 2
     host: str | None = None
     while at < end:
         if at + 3 > end:
             return Invalid("server_name entry header runs past its list")
-        name_type = data[at]
-        name_end = at + 3 + ((data[at + 1] << 8) | data[at + 2])
+        name_type = body[at]
+        name_end = at + 3 + ((body[at + 1] << 8) | body[at + 2])
         if name_end > end:
             return Invalid("server_name entry runs past its list")
         if name_type == 0:
             if host is not None:
                 return Invalid("two host names in server_name")
-            raw = data[at + 3 : name_end]
+            raw = body[at + 3 : name_end]
             try:
                 text = raw.decode("ascii")
             except UnicodeDecodeError:
@@ -252,19 +306,18 @@ def _server_name(data: bytes, at: int, end: int) -> str | Invalid | None:
     return host
 
 
-def _alpn(data: bytes, at: int, end: int) -> tuple[str, ...] | Invalid:
-    """The protocol names of an ALPN extension body (RFC 7301 §3.1)."""
-    if at + 2 > end or at + 2 + ((data[at] << 8) | data[at + 1]) != end:
+def _alpn(body: bytes) -> tuple[str, ...] | Invalid:
+    """The protocol names of an ALPN extension ``body`` (RFC 7301 §3.1)."""
+    end = len(body)
+    if end < 2 or 2 + ((body[0] << 8) | body[1]) != end:
         return Invalid("ALPN list length does not match its extension")
-    at += 2
+    at = 2
     names: list[str] = []
     while at < end:
-        name_end = at + 1 + data[at]
+        name_end = at + 1 + body[at]
         if name_end == at + 1 or name_end > end:
             return Invalid("an ALPN protocol name is empty or runs past its list")
-        raw = data[at + 1 : name_end]
-        # printable()'s common case inline: one call fewer per name.
-        names.append(printable(raw) if raw.translate(None, _LOG_SAFE) else raw.decode("ascii"))
+        names.append(printable(body[at + 1 : name_end]))
         at = name_end
     return tuple(names)
 
@@ -297,9 +350,6 @@ def normalize_route(sni: str) -> str:
             f"{sni!r} is not a host name or '*.suffix' (labels of 1-63 letters, digits, '-', '_')"
         )
     return name
-
-
-T = TypeVar("T")
 
 
 class Router(Generic[T]):
