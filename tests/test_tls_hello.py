@@ -394,6 +394,22 @@ def test_the_walk_stops_once_server_name_and_alpn_are_read() -> None:
     assert isinstance(parse(_hello_with(_sni(b"a.example") + _sni(b"b.example") + ours)), Invalid)
 
 
+@pytest.mark.parametrize(("name", "alpn", "hello"), HELLOS)
+def test_a_remembered_layout_answers_only_for_its_own_bytes(
+    name: str | None, alpn: list[str] | None, hello: bytes
+) -> None:
+    """After a real hello was parsed (its layout remembered), the same hello with any one
+    byte changed gets the reference's verdict: the remembered one where only the random or
+    the session id differ, its own otherwise."""
+    learned = parse(hello)
+    for index in range(len(hello)):
+        changed = hello[:index] + bytes([hello[index] ^ 0x41]) + hello[index + 1 :]
+        assert same_verdict(parse(changed), expected(changed)), index
+        assert parse(hello) == learned, index
+    fresh = hello[:11] + bytes(range(32)) + hello[43:]  # another random, same layout
+    assert parse(fresh) == learned
+
+
 def test_repeated_names_and_alpn_lists_give_the_same_verdicts() -> None:
     """The bodies' verdicts are remembered by their bytes: asking again, and asking after
     more distinct names than are kept, answers the same."""
@@ -449,6 +465,20 @@ def test_router_matches_the_naive_reference(
     cased = "".join(c.upper() if upper[i % 40] else c for i, c in enumerate(name))
     asked = cased + ("." if trailing_dot else "")
     assert router.match(asked) == reference(routes, name)
+    # Asked again, the answer is the remembered one, and the same.
+    assert router.match(asked) == reference(routes, name)
+    assert router.lookup(asked) == reference(routes, name)
+
+
+def test_router_answers_the_same_after_more_names_than_it_remembers() -> None:
+    router = Router([("api.example.com", "api"), ("*.example.com", "web")])
+    assert router.match("api.example.com") == "api"
+    for index in range(3000):
+        assert router.match(f"n{index}.example.com") == "web"
+        assert router.match(f"n{index}.example.org") is None
+    assert len(router.seen) <= 1024
+    assert router.match("API.example.com") == "api"
+    assert router.match("www.example.com.") == "web"
 
 
 def test_router_examples() -> None:
