@@ -608,5 +608,5 @@ class Listener:
             }
             if isinstance(session, InspectedSession):
                 fields["sni"] = session.sni or "-"
-                fields["alpn"] = session.alpn or "-"
+                fields["alpn"] = ",".join(session.alpn) or "-"
             log.access(**fields)
