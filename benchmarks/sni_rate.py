@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import re
 import ssl
 import statistics
@@ -74,6 +75,42 @@ def client_hello(server_name: str) -> bytes:
     with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
     return outgoing.read()
+
+
+def shuffled(hello: bytes, count: int) -> list[bytes]:
+    """``count`` distinct variants of ``hello`` with its extensions in other orders, as
+    Chrome and Firefox send theirs (a layout that does not repeat from one connection to the
+    next; the same length, name and ALPN)."""
+    at = 43
+    at += 1 + hello[at]  # session id
+    at += 2 + int.from_bytes(hello[at : at + 2], "big")  # cipher suites
+    at += 1 + hello[at]  # compression methods
+    head = hello[: at + 2]  # up to and with the extensions' length
+    extensions = []
+    at += 2
+    while at < len(hello):
+        length = int.from_bytes(hello[at + 2 : at + 4], "big")
+        extensions.append(hello[at : at + 4 + length])
+        at += 4 + length
+    shuffler = random.Random(13)
+    variants: dict[bytes, None] = {}
+    while len(variants) < count:
+        shuffler.shuffle(extensions)
+        variants[head + b"".join(extensions)] = None
+    return list(variants)
+
+
+class Hellos:
+    """The ClientHellos the clients send, one after another (all of one length)."""
+
+    def __init__(self, hellos: list[bytes]) -> None:
+        self.hellos = hellos
+        self.size = len(hellos[0])
+        self.turn = 0
+
+    def next(self) -> bytes:
+        self.turn = (self.turn + 1) % len(self.hellos)
+        return self.hellos[self.turn]
 
 
 def make_config(port: str, routed: bool) -> str:
@@ -110,13 +147,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def clients(
-    host: str, port: int, payload: bytes, count: int, stop_at: float, done: list[int]
+    host: str, port: int, payload: Hellos, count: int, stop_at: float, done: list[int]
 ) -> None:
     async def one() -> None:
         while time.monotonic() < stop_at:
             reader, writer = await asyncio.open_connection(host, port)
-            writer.write(payload)
-            await reader.readexactly(len(payload))
+            writer.write(payload.next())
+            await reader.readexactly(payload.size)
             writer.close()
             await writer.wait_closed()
             done[0] += 1
@@ -144,7 +181,7 @@ def start_proxy(config_path: Path) -> tuple[subprocess.Popen[str], str, int]:
     return proxy, match.group(1), int(match.group(2))
 
 
-def run_once(config_path: Path, payload: bytes, args: argparse.Namespace) -> tuple[float, float]:
+def run_once(config_path: Path, payload: Hellos, args: argparse.Namespace) -> tuple[float, float]:
     """Closed loop: (connections/s, proxy CPU microseconds per connection) over the
     measured window."""
     proxy, host, port = start_proxy(config_path)
@@ -174,7 +211,7 @@ MAX_IN_FLIGHT = 256  # fixed rate: a connection due while this many are open is 
 
 
 async def scheduled(
-    host: str, port: int, payload: bytes, rate: float, count: int, counts: dict[str, int]
+    host: str, port: int, payload: Hellos, rate: float, count: int, counts: dict[str, int]
 ) -> None:
     """``count`` connections started ``1 / rate`` s apart on a fixed schedule (late ones
     start at once, so the offered rate holds unless the client itself falls behind)."""
@@ -184,8 +221,8 @@ async def scheduled(
     async def one() -> None:
         try:
             reader, writer = await asyncio.open_connection(host, port)
-            writer.write(payload)
-            await reader.readexactly(len(payload))
+            writer.write(payload.next())
+            await reader.readexactly(payload.size)
             writer.close()
             await writer.wait_closed()
             counts["done"] += 1
@@ -209,7 +246,7 @@ async def scheduled(
 
 
 def fixed_rate_once(
-    config_path: Path, payload: bytes, rate: float, args: argparse.Namespace
+    config_path: Path, payload: Hellos, rate: float, args: argparse.Namespace
 ) -> tuple[float, float, int]:
     """Fixed rate: (connections/s completed, proxy CPU microseconds per connection, failed
     or skipped connections) over the measured window."""
@@ -234,16 +271,16 @@ def fixed_rate_once(
         stop(proxy)
 
 
-async def sequential(host: str, port: int, payload: bytes, count: int) -> None:
+async def sequential(host: str, port: int, payload: Hellos, count: int) -> None:
     for _ in range(count):
         reader, writer = await asyncio.open_connection(host, port)
-        writer.write(payload)
-        await reader.readexactly(len(payload))
+        writer.write(payload.next())
+        await reader.readexactly(payload.size)
         writer.close()
         await writer.wait_closed()
 
 
-def instructions_once(config_path: Path, payload: bytes, count: int, tmp: Path) -> float:
+def instructions_once(config_path: Path, payload: Hellos, count: int, tmp: Path) -> float:
     """Instructions the proxy executes per connection, over ``count`` sequential ones."""
     for old in tmp.glob(f"callgrind.{config_path.stem}.out*"):
         old.unlink()
@@ -316,6 +353,13 @@ def main() -> int:
         help="also count the proxy's instructions per connection under callgrind, over N",
     )
     parser.add_argument(
+        "--hellos",
+        type=int,
+        default=1,
+        metavar="N",
+        help="send N variants of the hello (extensions shuffled, as browsers do) in turn",
+    )
+    parser.add_argument(
         "--callgrind-dir", type=Path, help="keep the callgrind dumps here (callgrind_annotate)"
     )
     args = parser.parse_args()
@@ -325,8 +369,13 @@ def main() -> int:
         parser.error("--rounds without --repeats needs --rate")
     if len(os.sched_getaffinity(0)) > 1:
         os.sched_setaffinity(0, {1})  # the clients share core 1 with the echo server
-    payload = client_hello(NAME)
-    print(f"ClientHello of {len(payload)} bytes, SNI {NAME}; load average {load_average()}")
+    hello = client_hello(NAME)
+    payload = Hellos(shuffled(hello, args.hellos) if args.hellos > 1 else [hello])
+    print(
+        f"ClientHello of {len(hello)} bytes, SNI {NAME}"
+        f"{f', {args.hellos} extension orders in turn' if args.hellos > 1 else ''}; "
+        f"load average {load_average()}"
+    )
     instructions: dict[str, float] = {}
     closed: dict[str, list[tuple[float, float]]] = {}
     fixed: dict[str, list[tuple[float, float, int]]] = {}
