@@ -17,12 +17,13 @@ server then fails the handshake; the route was already known). Before that point
 hello without ALPN, any malformed extension is ``Invalid`` as before. The verdict on each
 of the two bodies is remembered by its bytes (``_NAMES``, ``_PROTOCOLS``: bounded, cleared
 when full), since a listener sees the same few names and ALPN lists again and again; so is
-the layout of a whole hello (``_LAYOUTS``): a hello of the same length whose bytes from the
-session id length to the end of the later of the two extensions are those of one seen
-before (the random and the session id aside, which the walk does not read) gets that one's
-verdict after one compare. A remembered verdict is the one the checks gave on the same
-bytes, so this changes the cost, never the answer. A client that shuffles its extensions
-(Chrome and Firefox do) rarely repeats a layout and pays the walk.
+the layout of a whole hello (``_LAYOUTS``): a hello whose header bytes, session id length
+and bytes from the cipher suites to the end of the later of the two extensions are those
+of one seen before (the random and the session id aside, which the walk does not read)
+gets that one's verdict after one lookup and one compare. A remembered verdict is the one
+the checks gave on the same bytes, so this changes the cost, never the answer. A client
+that shuffles its extensions (Chrome and Firefox do) rarely repeats a layout and pays the
+walk.
 Only the first record is read:
 ``MAX_INSPECT`` = 5 + 16,384 bytes, one record's maximum, is all a client can make lbtcp
 hold. A ClientHello longer than its record (a handshake message fragmented over several
@@ -126,6 +127,16 @@ Verdict = NeedMore | NotTls | Hello | Invalid
 
 def parse(data: bytes) -> Verdict:
     """The verdict on a connection's first bytes ``data`` (see the module doc)."""
+    # A hello laid out as one seen before gets that one's verdict: the same 9 header bytes
+    # (so the same length), the same session id length, and the same bytes from the cipher
+    # suites to where the walk stopped (the end of the later of server_name and ALPN); the
+    # random and the session id, which nothing below reads, may differ. One lookup and one
+    # compare in place instead of the checks and the walk.
+    layout = _LAYOUTS.get(data[:9])
+    if layout is not None:
+        end, session_id, known, verdict = layout
+        if len(data) >= end and data[43] == session_id and data.startswith(known, 44 + session_id):
+            return verdict
     size = len(data)
     if size < 9:
         return _header(data, size)
@@ -144,15 +155,6 @@ def parse(data: bytes) -> Verdict:
         return _header(data, 9)
     if size < end:
         return NEED_MORE
-    # A hello laid out as one seen before (the same length, session id length and bytes
-    # from the cipher suites to the end of the later of server_name and ALPN; the random
-    # and the session id in between may differ) gets that hello's verdict: the walk below
-    # reads nothing else before it stops. One compare in place instead of the walk.
-    layout = _LAYOUTS.get(end)
-    if layout is not None:
-        session_id, known, verdict = layout
-        if data[43] == session_id and data.startswith(known, 44 + session_id):
-            return verdict
     hello = data if size == end else data[:end]
     # The ClientHello's fixed fields: legacy_version (2) and random (32) from offset 9, then
     # the session id, cipher suites and compression methods, each length-prefixed, and the
@@ -236,9 +238,14 @@ def parse(data: bytes) -> Verdict:
         if at > end:
             return Invalid(f"extension {kind} runs past the ClientHello")
         return _new_hello(Hello, (server_name, alpn, end))
-    # Stopped once both were read: the verdict depends on the bytes up to here only.
+    # Stopped once both were read: the verdict depends on the bytes up to here only. Learn
+    # this layout on every eighth such walk: a client whose layouts repeat is learned within
+    # a few connections, and one whose layouts never repeat (shuffled extensions) does not
+    # pay for learning each of them (~2,000 instructions).
     found = _new_hello(Hello, (server_name, alpn, end))
-    _learn_layout(hello, at, found)
+    _walks[0] += 1
+    if not _walks[0] & 7:
+        _learn_layout(hello, at, found)
     return found
 
 
@@ -310,19 +317,23 @@ _PROTOCOLS: dict[bytes, tuple[str, ...] | Invalid] = {}
 _CACHED = 300
 
 
-# Hellos by length: (session id length, the bytes from the cipher suites to where the walk
-# stopped, the verdict). One layout per length, the last one learned; bounded, cleared when
-# full. Clients that shuffle their extensions (Chrome, Firefox) or send GREASE values
-# rarely repeat a layout and take the walk each time.
-_LAYOUTS: dict[int, tuple[int, bytes, Hello]] = {}
+# Hellos by their 9 header bytes: (the hello's end, its session id length, its bytes from
+# the cipher suites to where the walk stopped, the verdict). One layout per header, the
+# last one learned; bounded, cleared when full. Clients that shuffle their extensions
+# (Chrome, Firefox) or send GREASE values rarely repeat a layout and take the walk.
+_LAYOUTS: dict[bytes, tuple[int, int, bytes, Hello]] = {}
+_walks = [0]  # walks that stopped early (a list: changed in place, no ``global``)
 
 
 def _learn_layout(hello: bytes, stop: int, verdict: Hello) -> None:
-    start = 44 + hello[43]
+    """Remember the layout of ``hello`` (the whole ClientHello, nothing after it), whose
+    walk stopped at ``stop`` with ``verdict``."""
+    session_id = hello[43]
+    start = 44 + session_id
     if stop - start <= _CACHED_LAYOUT:
         if len(_LAYOUTS) >= 256:
             _LAYOUTS.clear()
-        _LAYOUTS[len(hello)] = (hello[43], hello[start:stop], verdict)
+        _LAYOUTS[hello[:9]] = (len(hello), session_id, hello[start:stop], verdict)
 
 
 _CACHED_LAYOUT = 2048

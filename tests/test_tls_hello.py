@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lbtcp.tls_hello import (
+    _LAYOUTS,
     MAX_INSPECT,
     NEED_MORE,
     NOT_TLS,
@@ -401,7 +402,13 @@ def test_a_remembered_layout_answers_only_for_its_own_bytes(
     """After a real hello was parsed (its layout remembered), the same hello with any one
     byte changed gets the reference's verdict: the remembered one where only the random or
     the session id differ, its own otherwise."""
+    _LAYOUTS.clear()
     learned = parse(hello)
+    for _ in range(8):  # one early-stopping walk in eight learns its layout
+        assert parse(hello) == learned
+    # Only a walk that stopped early is learned (a full one read the key share, which
+    # changes with every connection).
+    assert (hello[:9] in _LAYOUTS) == bool(name and alpn)
     for index in range(len(hello)):
         changed = hello[:index] + bytes([hello[index] ^ 0x41]) + hello[index + 1 :]
         assert same_verdict(parse(changed), expected(changed)), index
