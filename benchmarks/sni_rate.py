@@ -101,7 +101,9 @@ def shuffled(hello: bytes, count: int) -> list[bytes]:
 
 
 class Hellos:
-    """The ClientHellos the clients send, one after another (all of one length)."""
+    """The ClientHellos the clients send, one after another (all of one length), each with
+    a random of its own, as a real client's (the parser must not take one hello's verdict
+    for another's because their bytes are all the same)."""
 
     def __init__(self, hellos: list[bytes]) -> None:
         self.hellos = hellos
@@ -110,7 +112,8 @@ class Hellos:
 
     def next(self) -> bytes:
         self.turn = (self.turn + 1) % len(self.hellos)
-        return self.hellos[self.turn]
+        hello = self.hellos[self.turn]
+        return hello[:11] + os.urandom(32) + hello[43:]
 
 
 def make_config(port: str, routed: bool) -> str:
