@@ -168,7 +168,7 @@ class Listener:
         if config.proxy_protocol == "off" and self.router is None:
             self._factory = lambda: SessionClass(self, loop)
         elif config.proxy_protocol == "off":
-            self._factory = lambda: RoutingSession(self)
+            self._factory = lambda: RoutingSession(self, loop)
         else:
             self._factory = lambda: HeaderReader(self)
 
