@@ -2,7 +2,8 @@
 
 Theory of operation. ``parse`` is fed everything a client has sent so far and answers:
 ``NEED_MORE``, ``Hello(server_name, alpn)``, ``NOT_TLS`` or ``Invalid(why)``. It keeps no
-state: the caller buffers and calls again with more bytes. Every verdict other than
+state of a connection (only the remembered verdicts below, which never change an answer):
+the caller buffers and calls again with more bytes. Every verdict other than
 ``NEED_MORE`` is final: it depends only on bytes that a longer input shares, so feeding a
 hello byte by byte gives the same verdict as feeding it whole.
 
@@ -24,11 +25,12 @@ gets that one's verdict after one lookup and one compare. A remembered verdict i
 the checks gave on the same bytes, so this changes the cost, never the answer. A client
 that shuffles its extensions (Chrome and Firefox do) rarely repeats a layout and pays the
 walk.
-Only the first record is read:
-``MAX_INSPECT`` = 5 + 16,384 bytes, one record's maximum, is all a client can make lbtcp
-hold. A ClientHello longer than its record (a handshake message fragmented over several
-records, which RFC 8446 allows but no common client sends for hellos under 16 KiB) is
-answered ``Invalid`` and the listener uses its default pool, as for any hello it cannot read.
+
+Only the first record is read: ``MAX_INSPECT`` = 5 + 16,384 bytes, one record's maximum, is
+all a client can make lbtcp hold. A ClientHello longer than its record (a handshake message
+fragmented over several records, which RFC 8446 allows but no common client sends for
+hellos under 16 KiB) is answered ``Invalid`` and the listener uses its default pool, as for
+any hello it cannot read.
 
 The first byte decides "not TLS" at once (anything but 22), as does a second byte other than
 3: such a client goes to the default pool without any wait.
@@ -36,7 +38,8 @@ The first byte decides "not TLS" at once (anything but 22), as does a second byt
 ``Router`` is the route table of one listener, built once: a dict of exact names and a dict
 of wildcard suffixes. ``match`` looks the name up, then each of its suffixes from the longest
 (one dict lookup per dot), so the longest match wins and its cost does not grow with the
-number of routes.
+number of routes; its answers are remembered by name (bounded), so a name asked again costs
+one lookup.
 """
 
 from __future__ import annotations
