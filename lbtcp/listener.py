@@ -171,7 +171,7 @@ class Listener:
         if config.proxy_protocol == "off" and self.router is None:
             self._factory = lambda: SessionClass(self, loop)
         elif config.proxy_protocol == "off":
-            self._factory = lambda: RoutingSession(self)
+            self._factory = lambda: RoutingSession(self, loop)
         else:
             self._factory = lambda: HeaderReader(self)
 
@@ -635,5 +635,5 @@ class Listener:
             }
             if isinstance(session, InspectedSession):
                 fields["sni"] = session.sni or "-"
-                fields["alpn"] = session.alpn or "-"
+                fields["alpn"] = ",".join(session.alpn) or "-"
             log.access(**fields)

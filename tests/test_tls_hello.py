@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lbtcp.tls_hello import (
+    _LAYOUTS,
     MAX_INSPECT,
     NEED_MORE,
     NOT_TLS,
@@ -186,6 +187,252 @@ def test_the_size_bound_is_one_record() -> None:
     assert parse(hello) == Hello("big.example", (), MAX_INSPECT)
 
 
+# --- against a straightforward reference --------------------------------------------------
+
+
+class _Short(Exception):
+    """The reference ran out of bytes inside a length-prefixed field."""
+
+
+def reference_parse(data: bytes) -> tuple[object, Hello | None]:
+    """The parse as the module doc states it, read the plain way (every length sliced and
+    checked, every extension walked to the end): (the verdict of a full walk, the Hello as
+    it stands once both server_name and ALPN are read, or None when they never both are)."""
+    if not data:
+        return NEED_MORE, None
+    if data[0] != 22:
+        return NOT_TLS, None
+    if len(data) < 2:
+        return NEED_MORE, None
+    if data[1] != 3:
+        return NOT_TLS, None
+    if len(data) < 5:
+        return NEED_MORE, None
+    record = int.from_bytes(data[3:5], "big")
+    if not 1 <= record <= 16384:
+        return Invalid("record length"), None
+    if len(data) < 6:
+        return NEED_MORE, None
+    if data[5] != 1:
+        return Invalid("handshake type"), None
+    if len(data) < 9:
+        return NEED_MORE, None
+    length = int.from_bytes(data[6:9], "big")
+    if length + 4 > record:
+        return Invalid("record"), None
+    end = 9 + length
+    if len(data) < end:
+        return NEED_MORE, None
+    body = data[9:end]
+    cursor = [34]  # legacy_version and random
+
+    def vector(width: int, within: bytes = body, at: list[int] = cursor) -> bytes:
+        start = at[0] + width
+        if start > len(within):
+            raise _Short
+        stop = start + int.from_bytes(within[at[0] : start], "big")
+        if stop > len(within):
+            raise _Short
+        at[0] = stop
+        return within[start:stop]
+
+    name: str | None = None
+    protocols: tuple[str, ...] = ()
+    early: Hello | None = None
+    try:
+        if len(body) < 34 or len(vector(1)) > 32:
+            return Invalid("session id"), None
+        suites = vector(2)
+        if len(suites) < 2 or len(suites) % 2:
+            return Invalid("suites"), None
+        if not vector(1):
+            return Invalid("methods"), None
+        if cursor[0] == len(body):
+            return Hello(None, (), end), None
+        extensions = vector(2)
+        if cursor[0] != len(body):
+            return Invalid("extensions length"), None
+        seen: set[int] = set()
+        walk = [0]
+        while walk[0] < len(extensions):
+            kind = int.from_bytes(extensions[walk[0] : walk[0] + 2], "big")
+            if walk[0] + 4 > len(extensions):
+                raise _Short
+            walk[0] += 2
+            content = vector(2, extensions, walk)
+            if kind not in (0, 16):
+                continue
+            if kind in seen:
+                return Invalid("twice"), early
+            seen.add(kind)
+            inner = [0]
+            if kind == 0 and content:
+                entries = vector(2, content, inner)
+                if inner[0] != len(content):
+                    return Invalid("server_name list"), early
+                entry = [0]
+                while entry[0] < len(entries):
+                    name_type = entries[entry[0]]
+                    entry[0] += 1
+                    host = vector(2, entries, entry)
+                    if name_type != 0:
+                        continue
+                    if name is not None:
+                        return Invalid("two names"), early
+                    text = host.decode("latin-1")
+                    labels = text.removesuffix(".").split(".")
+                    if not (
+                        host.isascii()
+                        and len(host) <= 254
+                        and all(
+                            1 <= len(label) <= 63 and all(c.isalnum() or c in "-_" for c in label)
+                            for label in labels
+                        )
+                    ):
+                        return Invalid("host name"), early
+                    name = text.lower().removesuffix(".")
+            elif kind == 16:
+                listed = vector(2, content, inner)
+                if inner[0] != len(content):
+                    return Invalid("ALPN list"), early
+                names = []
+                entry = [0]
+                while entry[0] < len(listed):
+                    raw = vector(1, listed, entry)
+                    if not raw:
+                        return Invalid("empty ALPN name"), early
+                    names.append(
+                        "".join(
+                            chr(b) if 0x21 <= b <= 0x7E and chr(b) not in ',=\\"' else f"\\x{b:02x}"
+                            for b in raw
+                        )
+                    )
+                protocols = tuple(names)
+            if early is None and seen == {0, 16}:
+                early = Hello(name, protocols, end)
+    except _Short:
+        return Invalid("runs past"), early
+    return Hello(name, protocols, end), early
+
+
+def expected(data: bytes) -> object:
+    """What ``parse`` must answer: the reference's verdict, except that the walk stops once
+    server_name and ALPN are both read (what follows is the TLS server's to validate)."""
+    verdict, early = reference_parse(data)
+    return early if early is not None else verdict
+
+
+def same_verdict(got: object, want: object) -> bool:
+    """Equal verdicts; two Invalid verdicts are the same whatever their reasons."""
+    if isinstance(want, Invalid):
+        return isinstance(got, Invalid)
+    return got == want
+
+
+def _extension(kind: int, body: bytes) -> bytes:
+    return kind.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+
+
+def _alpn_ext(names: list[bytes]) -> bytes:
+    listed = b"".join(len(name).to_bytes(1, "big") + name for name in names)
+    return _extension(16, len(listed).to_bytes(2, "big") + listed)
+
+
+HOSTS = st.sampled_from(
+    [b"a.example", b"API.Example.com.", b"x" * 63 + b".com", b"x" * 64, b"bad name", b"", b"\xff"]
+)
+EXTENSIONS = st.one_of(
+    HOSTS.map(_sni),
+    st.lists(st.sampled_from([b"h2", b"http/1.1", b"", b"a,b", b"\x00\x7f"]), max_size=3).map(
+        _alpn_ext
+    ),
+    st.tuples(st.sampled_from([10, 11, 13, 21, 43, 51, 0xFAFA]), st.binary(max_size=12)).map(
+        lambda pair: _extension(*pair)
+    ),
+    st.binary(max_size=8),  # not an extension: a bad length, a header cut short
+)
+
+
+@settings(max_examples=600)
+@given(st.lists(EXTENSIONS, max_size=6), st.data())
+def test_hand_built_hellos_agree_with_the_reference(
+    extensions: list[bytes], data: st.DataObject
+) -> None:
+    """Extension lists in any order: ours malformed, repeated, before and after the
+    others, garbage between them; the verdict whole, and on every prefix, is the
+    reference's (a prefix: NEED_MORE, or the same final verdict)."""
+    hello = _hello_with(b"".join(extensions))
+    want = expected(hello)
+    got = parse(hello)
+    assert same_verdict(got, want), (got, want, hello)
+    cut = data.draw(st.integers(0, len(hello)))
+    early = parse(hello[:cut])
+    assert early is NEED_MORE or early == got
+
+
+@settings(max_examples=400)
+@given(st.data())
+def test_mutated_and_arbitrary_bytes_agree_with_the_reference(data: st.DataObject) -> None:
+    hello = data.draw(st.sampled_from(HELLOS))[2]
+    index = data.draw(st.integers(0, len(hello) - 1))
+    mutated = hello[:index] + bytes([data.draw(st.integers(0, 255))]) + hello[index + 1 :]
+    for sample in (mutated, mutated[: data.draw(st.integers(0, len(mutated)))]):
+        assert same_verdict(parse(sample), expected(sample)), sample
+    garbage = data.draw(st.binary(max_size=300))
+    assert same_verdict(parse(garbage), expected(garbage)), garbage
+
+
+def test_the_walk_stops_once_server_name_and_alpn_are_read() -> None:
+    """A malformed or repeated extension after both of ours is the TLS server's to refuse:
+    the route is known. Before them (or without ALPN) it is still Invalid."""
+    ours = _sni(b"api.example.com") + _alpn_ext([b"h2"])
+    bad_after = b"\x00\x0a\xff\xff"  # an extension running past the ClientHello
+    for tail in (bad_after, _sni(b"other.example"), _alpn_ext([b""])):
+        hello = _hello_with(ours + tail)
+        assert parse(hello) == Hello("api.example.com", ("h2",), len(hello))
+    assert isinstance(parse(_hello_with(bad_after + ours)), Invalid)
+    assert isinstance(parse(_hello_with(_sni(b"api.example.com") + bad_after)), Invalid)
+    assert isinstance(parse(_hello_with(_sni(b"a.example") + _sni(b"b.example") + ours)), Invalid)
+
+
+@pytest.mark.parametrize(("name", "alpn", "hello"), HELLOS)
+def test_a_remembered_layout_answers_only_for_its_own_bytes(
+    name: str | None, alpn: list[str] | None, hello: bytes
+) -> None:
+    """After a real hello was parsed (its layout remembered), the same hello with any one
+    byte changed gets the reference's verdict: the remembered one where only the random or
+    the session id differ, its own otherwise."""
+    _LAYOUTS.clear()
+    learned = parse(hello)
+    for _ in range(8):  # one early-stopping walk in eight learns its layout
+        assert parse(hello) == learned
+    # Only a walk that stopped early is learned (a full one read the key share, which
+    # changes with every connection).
+    assert (hello[:9] in _LAYOUTS) == bool(name and alpn)
+    for index in range(len(hello)):
+        changed = hello[:index] + bytes([hello[index] ^ 0x41]) + hello[index + 1 :]
+        assert same_verdict(parse(changed), expected(changed)), index
+        assert parse(hello) == learned, index
+    fresh = hello[:11] + bytes(range(32)) + hello[43:]  # another random, same layout
+    assert parse(fresh) == learned
+
+
+def test_repeated_names_and_alpn_lists_give_the_same_verdicts() -> None:
+    """The bodies' verdicts are remembered by their bytes: asking again, and asking after
+    more distinct names than are kept, answers the same."""
+    hello = _hello_with(_sni(b"Keep.Example") + _alpn_ext([b"h2"]))
+    first = parse(hello)
+    for index in range(3000):
+        name = f"n{index}.example".encode()
+        assert parse(_hello_with(_sni(name))) == Hello(
+            name.decode(), (), len(_hello_with(_sni(name)))
+        )
+    assert parse(hello) == first == Hello("keep.example", ("h2",), len(hello))
+    bad = _hello_with(_sni(b"bad name"))
+    assert isinstance(parse(bad), Invalid)
+    assert isinstance(parse(bad), Invalid)
+
+
 # --- routes --------------------------------------------------------------------------------
 
 LABELS = st.sampled_from(["a", "b", "api", "www", "example", "com", "x-y", "_s"])
@@ -225,6 +472,20 @@ def test_router_matches_the_naive_reference(
     cased = "".join(c.upper() if upper[i % 40] else c for i, c in enumerate(name))
     asked = cased + ("." if trailing_dot else "")
     assert router.match(asked) == reference(routes, name)
+    # Asked again, the answer is the remembered one, and the same.
+    assert router.match(asked) == reference(routes, name)
+    assert router.lookup(asked) == reference(routes, name)
+
+
+def test_router_answers_the_same_after_more_names_than_it_remembers() -> None:
+    router = Router([("api.example.com", "api"), ("*.example.com", "web")])
+    assert router.match("api.example.com") == "api"
+    for index in range(3000):
+        assert router.match(f"n{index}.example.com") == "web"
+        assert router.match(f"n{index}.example.org") is None
+    assert len(router.seen) <= 1024
+    assert router.match("API.example.com") == "api"
+    assert router.match("www.example.com.") == "web"
 
 
 def test_router_examples() -> None:
