@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 Nginx2(workdir, nofile),
             ]
             running = []
+            versions: dict[str, str] = {}
             for proxy in proxies:
                 missing = proxy.missing()
                 if missing:
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 proxy.start(children, backends, None)
                 running.append(proxy)
+                with contextlib.suppress(Exception):  # a version string is only a label
+                    versions[proxy.label] = proxy.version()
             load_before = os.getloadavg()
             rows: list[dict[str, Any]] = []
             for round_ in range(args.rounds):
@@ -234,11 +237,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"rows": rows, "summary": summary, "loadavg": [load_before, load_after]},
+                {
+                    "machine": machine(),
+                    "versions": versions,
+                    "rows": rows,
+                    "summary": summary,
+                    "loadavg": [load_before, load_after],
+                },
                 indent=1,
             )
         )
     return 0
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": os.uname().release,
+        "python": sys.version.split()[0],
+    }
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
