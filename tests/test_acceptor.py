@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lbtcp.acceptor import ACCEPT_BATCH, ACCEPT_PAUSE, Acceptor
+import pytest
+
+from lbtcp import acceptor
+from lbtcp.acceptor import ACCEPT_PAUSE, Acceptor
 from tests import loops
 from tests.support import Lbtcp, config
 
@@ -37,22 +40,26 @@ def listening() -> socket.socket:
     return sock
 
 
-def test_one_event_takes_at_most_a_batch_and_the_rest_follow(run: Any) -> None:
-    """Clients queued before the loop looks: one reader call accepts exactly ACCEPT_BATCH,
-    the following turns take the rest, and every client gets its own bytes back."""
+def test_one_event_takes_at_most_a_batch_and_the_rest_follow(
+    run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients queued before the loop looks: one reader call accepts exactly ACCEPT_BATCH
+    (made 16 here, so that the test needs few descriptors), the following turns take the
+    rest, and every client gets its own bytes back."""
+    monkeypatch.setattr(acceptor, "ACCEPT_BATCH", 16)
 
     async def scenario() -> None:
         Echo.made = []
         loop = asyncio.get_running_loop()
         sock = listening()
-        count = ACCEPT_BATCH * 2 + 17
+        count = acceptor.ACCEPT_BATCH * 2 + 17
         clients = [socket.create_connection(sock.getsockname()) for _ in range(count)]
         server = Acceptor(loop, sock, Echo)
         loop.remove_reader(sock.fileno())  # drive the first batch by hand
         server._accept_batch()
         await asyncio.sleep(0)  # connection_made runs in the loop's next callbacks
         await asyncio.sleep(0)
-        assert len(Echo.made) == ACCEPT_BATCH
+        assert len(Echo.made) == acceptor.ACCEPT_BATCH
         loop.add_reader(sock.fileno(), server._accept_batch)
         deadline = loop.time() + 10
         while len(Echo.made) < count:
