@@ -852,11 +852,11 @@ def test_a_client_that_never_reads_is_not_read_either(live: Live) -> None:
 SHORT_TIMEOUT = 2.0
 
 
-@contextlib.contextmanager
-def admin_in_a_thread(request_timeout: float) -> Iterator[tuple[str, int]]:
-    """The admin API of a built ``Runtime`` on its own uvloop in a thread, bounded by
-    ``request_timeout``; the loop's exception handler must never be called."""
-    loop = uvloop.new_event_loop()
+def _watched_runtime(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[Runtime, AdminConfig, list[dict[str, object]]]:
+    """A one-listener Runtime with an admin API (not built yet), its ``[admin]``, and the list
+    that collects whatever reaches ``loop``'s exception handler."""
     errors: list[dict[str, object]] = []
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
     config = parse_config(
@@ -867,11 +867,19 @@ def admin_in_a_thread(request_timeout: float) -> Iterator[tuple[str, int]]:
         }
     )
     assert config.admin is not None
-    runtime = Runtime(config, Log(stream=io.StringIO()))
+    return Runtime(config, Log(stream=io.StringIO())), config.admin, errors
+
+
+@contextlib.contextmanager
+def admin_in_a_thread(request_timeout: float) -> Iterator[tuple[str, int]]:
+    """The admin API of a built ``Runtime`` on its own uvloop in a thread, bounded by
+    ``request_timeout``; the loop's exception handler must never be called."""
+    loop = uvloop.new_event_loop()
+    runtime, admin, errors = _watched_runtime(loop)
     runtime.build(loop)
     server = admin_server.AdminServer(
         "127.0.0.1:0",
-        Router(runtime, config.admin).handle,
+        Router(runtime, admin).handle,
         runtime.log,
         loop,
         request_timeout=request_timeout,
@@ -1090,20 +1098,10 @@ async def _exercise(runtime: Runtime, server: admin_server.AdminServer) -> None:
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 def test_in_process_on_both_loops_without_loop_errors(loop_kind: str) -> None:
     loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
-    errors: list[dict[str, object]] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    config = parse_config(
-        {
-            "admin": {"listen": "127.0.0.1:0"},
-            "listeners": {"web": {"bind": "127.0.0.1:0", "pool": "app"}},
-            "pools": {"app": {"servers": [{"address": "127.0.0.1:9", "name": "a"}]}},
-        }
-    )
-    assert config.admin is not None
-    runtime = Runtime(config, Log(stream=io.StringIO()))
+    runtime, admin, errors = _watched_runtime(loop)
     try:
         runtime.build(loop)
-        router = Router(runtime, config.admin)
+        router = Router(runtime, admin)
         server = admin_server.AdminServer(
             "127.0.0.1:0", router.handle, runtime.log, loop, max_connections=4
         )
