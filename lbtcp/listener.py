@@ -13,17 +13,17 @@ with ``routes`` has no reader: its sessions (``proxy_accept.RoutingSession``) re
 ClientHello themselves, and the listener bounds that wait for all of them with one FIFO and one
 timer (``inspect_started``). No server means
 the refusal of DESIGN.md §3 (``NH``): the client was accepted and is closed at once, by FIN, by
-RST, or after a banner, without connecting anywhere. Otherwise one task per session runs the
-connect attempts: each attempt on a server not yet tried, with ``connect_timeout`` per attempt
-and ``retry_budget`` across all of them. On success the server transport is handed to the
-session and bytes flow; if every attempt failed the client is closed with ``CT`` (every
-attempt timed out) or ``CR`` (at least one was refused or failed otherwise).
+RST, or after a banner, without connecting anywhere. Otherwise ``connector.Connecting`` runs the
+connect attempts, starting in the same loop turn: each attempt on a server not yet tried, with
+``connect_timeout`` per attempt and ``retry_budget`` across all of them. On success the server
+transport is handed to the session and bytes flow; if every attempt failed the client is
+closed with ``CT`` (every attempt timed out) or ``CR`` (at least one was refused or failed
+otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import os
 import socket
@@ -31,9 +31,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from time import monotonic
 
-from lbtcp.acceptor import OUT_OF_RESOURCES, Acceptor
+from lbtcp.acceptor import Acceptor
 from lbtcp.addresses import format_address, parse_endpoint
 from lbtcp.config import ListenerConfig
+from lbtcp.connector import Connecting
 from lbtcp.counters import SESSION_BUCKETS, Histogram
 from lbtcp.events import Event
 from lbtcp.log import Log
@@ -45,8 +46,6 @@ from lbtcp.relay import CLOSED, Session, UpstreamProtocol, idle_step, reset_tran
 from lbtcp.tls_hello import Router
 
 TERM_NO_HEALTHY = "NH"
-TERM_CONNECT_TIMEOUT = "CT"
-TERM_CONNECT_REFUSED = "CR"
 TERM_ACL = "AC"
 TERM_LIMIT = "LM"
 TERM_PROXY_PROTOCOL = "PP"
@@ -303,7 +302,9 @@ class Listener:
         if config.max_per_source:
             self.per_source[ip] = self.per_source.get(ip, 0) + 1
         session.idle_timeout = config.idle_timeout
-        session.connect_task = self.loop.create_task(self._connect(session, server))
+        connecting = Connecting(self, session, server, self.loop, UpstreamClass)
+        session.connecting = connecting
+        connecting.start()
 
     def inspect_started(self, session: RoutingSession) -> None:
         """Called from ``RoutingSession.connection_made``: bound its wait for a ClientHello
@@ -424,109 +425,16 @@ class Listener:
                 client.write(self.config.no_healthy_banner)
             client.close()
 
-    # --- connecting ----------------------------------------------------------------------
+    # --- connecting (lbtcp/connector.py runs the attempts) --------------------------------
 
-    async def _connect(self, session: Session, server: Server) -> None:
-        """Connect attempts for one session, on a new server each time (see module doc).
+    def out_of_resources(self, exc: OSError) -> None:
+        """A server connect failed for lbtcp's own lack of descriptors or memory: no new
+        clients for a moment (the waiting ones stay in the kernel's queue)."""
+        self._accept_failed(exc)
+        for acceptor in self.servers:
+            acceptor.pause()
 
-        Each attempt is bounded by a timer that cancels this task, rather than by a wrapper
-        task (``wait_for``): one task per session, however many attempts it takes.
-        """
-        try:
-            await self._attempts(session, server)
-        finally:
-            # A finished task (and its coroutine) is about 700 bytes the idle session would
-            # otherwise keep until it ends.
-            session.connect_task = None
-
-    async def _attempts(self, session: Session, server: Server) -> None:
-        loop = self.loop
-        pool = session.pool
-        assert pool is not None  # set in session_accepted
-        config = pool.config
-        deadline = loop.time() + config.retry_budget
-        all_timeouts = True
-        # This task (asyncio.current_task() would cost a getpid() system call per call on
-        # Python < 3.12).
-        task = session.connect_task
-        assert task is not None
-        timed_out = False
-        # The servers tried for this client: only here, an idle session keeps no list.
-        tried: list[Server] = []
-
-        def expire() -> None:
-            nonlocal timed_out
-            timed_out = True
-            task.cancel()
-
-        while True:
-            tried.append(server)
-            timeout = min(config.connect_timeout, deadline - loop.time())
-            if timeout <= 0:
-                break
-            protocol = UpstreamClass(session)
-            timed_out = False
-            handle = loop.call_later(timeout, expire)
-            try:
-                transport, _ = await loop.create_connection(
-                    lambda p=protocol: p,  # type: ignore[misc]  # bound now, used at once
-                    server.host,
-                    server.port,
-                )
-            except asyncio.CancelledError:
-                # The timer or the client's departure. If the connection was made in the
-                # same loop turn, close it here: nobody else holds it.
-                protocol.discard()
-                if not timed_out:
-                    raise  # the client went away
-                if hasattr(task, "uncancel"):
-                    task.uncancel()
-                self._report(pool, server, False, "timeout")
-            except OSError as exc:
-                if exc.errno in OUT_OF_RESOURCES:
-                    # lbtcp's own shortage (descriptors, memory), not the server's fault:
-                    # no passive-health report, no retry (it would fail alike), and no new
-                    # clients for a moment.
-                    self._accept_failed(exc)
-                    for acceptor in self.servers:
-                        acceptor.pause()
-                    all_timeouts = False
-                    break
-                if exc.errno == errno.ETIMEDOUT:
-                    self._report(pool, server, False, "timeout")
-                else:
-                    all_timeouts = False
-                    self._report(
-                        pool,
-                        server,
-                        False,
-                        "refused" if exc.errno == errno.ECONNREFUSED else "other",
-                    )
-            else:
-                self._report(pool, server, True)
-                if session.finished or session.up_state == CLOSED:
-                    protocol.discard()  # the client left while we connected
-                    return
-                pool.session_started(server)
-                if config.proxy_protocol != "off":
-                    # Before attach_upstream: the header must precede every client byte.
-                    transport.write(self._proxy_header(session, config.proxy_protocol))
-                session.attach_upstream(transport, server)
-                pool.connect_seconds.observe(session.connect_ms / 1000.0)
-                return
-            finally:
-                handle.cancel()
-            if session.finished:
-                return
-            if len(tried) > config.retries or loop.time() >= deadline:
-                break
-            next_server = pool.choose(pool.client(session.client_ip, session.client_port), tried)
-            if next_server is None:
-                break
-            server = next_server
-        session.close(TERM_CONNECT_TIMEOUT if all_timeouts else TERM_CONNECT_REFUSED)
-
-    def _proxy_header(self, session: Session, version: str) -> bytes:
+    def proxy_header(self, session: Session, version: str) -> bytes:
         """The header sent to a server: the client's address, and the original destination
         from an accepted header, else the address the client connected to."""
         destination = session.destination
@@ -538,7 +446,7 @@ class Listener:
         except ValueError:  # no usable address (a socket without peername): say "unknown"
             return encode(version, None, None)
 
-    def _report(self, pool: Pool, server: Server, ok: bool, kind: str = "") -> None:
+    def report_connect(self, pool: Pool, server: Server, ok: bool, kind: str = "") -> None:
         """Passive health: tell the server's pool how a real connect attempt went (``kind``
         of a failure: "refused", "timeout", "other"). The pool is the one the attempt started
         with: a reload may have pointed the listener elsewhere since."""

@@ -31,6 +31,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Protocol, cast
 
 if TYPE_CHECKING:
+    from lbtcp.connector import Connecting
     from lbtcp.pool import Pool, Server
 
 HIGH_WATER = 256 * 1024
@@ -80,21 +81,33 @@ class UpstreamProtocol(asyncio.Protocol):
     """The server side of a session. The loop calls it; it forwards to the session, unless
     the connector discarded the connection (it gave up on it before handing it over)."""
 
-    __slots__ = ("discarded", "session", "transport")
+    __slots__ = ("connecting", "discarded", "session", "transport")
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self.transport: asyncio.BaseTransport | None = None
         self.discarded = False
+        # The attempts that made this connection (connector.Connecting): told in
+        # connection_made, then dropped.
+        self.connecting: Connecting | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Called by the loop when the connect succeeds, before create_connection returns."""
+        """Called by the loop when the connect succeeds: hand the transport to the session
+        now, not when create_connection returns a loop turn later."""
         self.transport = transport
+        if self.discarded:
+            cast(asyncio.WriteTransport, transport).abort()
+            return
+        connecting = self.connecting
+        if connecting is not None:
+            self.connecting = None
+            connecting.connected(cast(asyncio.Transport, transport))
 
     def discard(self) -> None:
         """The connector gave up on this connection (timed out in the same loop turn as it
         was made, or the client left): abort it without touching the session."""
         self.discarded = True
+        self.connecting = None
         transport = self.transport
         if transport is not None and not transport.is_closing():
             cast(asyncio.WriteTransport, transport).abort()
@@ -137,7 +150,7 @@ class Session(asyncio.Protocol):
         "client_paused",
         "client_port",
         "connect_ms",
-        "connect_task",
+        "connecting",
         "destination",
         "down_state",
         "finished",
@@ -184,7 +197,8 @@ class Session(asyncio.Protocol):
         # uvloop's loop.time() ticks in whole milliseconds: too coarse for the access log.
         self.started_at = monotonic()
         self.connect_ms = -1.0
-        self.connect_task: asyncio.Task[None] | None = None
+        # The connect attempts while they run (connector.Connecting), then None.
+        self.connecting: Connecting | None = None
         self.idle_timeout = 0.0
         self.idle_mark = -1
         self.idle_seen_at = 0.0
@@ -249,9 +263,10 @@ class Session(asyncio.Protocol):
         self.up_state = CLOSED
         self.down_state = CLOSED
         self.pending = None
-        task = self.connect_task
-        if task is not None and not task.done():
-            task.cancel()
+        connecting = self.connecting
+        if connecting is not None:
+            self.connecting = None
+            connecting.cancel()
         upstream = self.upstream
         if upstream is not None and not upstream.is_closing():
             upstream.close()
@@ -392,9 +407,10 @@ class Session(asyncio.Protocol):
                     transport.abort()
                 else:
                     transport.close()
-        task = self.connect_task
-        if task is not None and not task.done():
-            task.cancel()
+        connecting = self.connecting
+        if connecting is not None:
+            self.connecting = None
+            connecting.cancel()
 
     def _finish(self) -> None:
         """Runs once, when the client transport or the server transport is lost."""
