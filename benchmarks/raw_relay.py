@@ -6,15 +6,17 @@
 reviewer may ask what is left if the transports go too: this relay runs on the same uvloop
 loop but drives non-blocking sockets itself. The listening socket has a reader that accepts
 up to 1,024 clients per callback; each client gets a non-blocking server socket, connected
-with ``connect_ex`` and a writer that waits for the handshake, then two directions of
-``recv_into``/``send``. ``benchmarks/conncost.py`` measures it as proxy ``raw`` beside
-``bare``, lbtcp, HAProxy and nginx.
+with ``connect_ex``, and two directions of ``recv_into``/``send`` that start at once (bytes
+sent before the handshake has finished are held, as below, until a writer says it has).
+``benchmarks/conncost.py`` measures it as proxy ``raw`` beside ``bare``, lbtcp, HAProxy and
+nginx.
 
 Unlike ``bare``, it keeps flow control: a partial send keeps the rest (at most one read, 256
 KiB, per direction) and stops reading the source until the rest has gone, so memory per
 session is bounded. A source's EOF becomes ``shutdown(SHUT_WR)`` on the other socket once its
-pending bytes are sent; both sockets close when both directions have passed their EOF, or at
-once on any socket error. No pool, health, counters, timeouts or logs.
+pending bytes are sent; both sockets close when both directions have passed their EOF (the
+second EOF is passed on by the close itself), or at once on any socket error. No pool,
+health, counters, timeouts or logs.
 
 Prints ``raw relay listening on 127.0.0.1:PORT`` to stderr once listening.
 """
@@ -47,18 +49,22 @@ class Direction:
     Each socket is the source of one direction and the destination of the other, so this
     object alone owns the reader on ``src`` and the writer on ``dst``: the two directions
     never add or remove each other's callbacks. States: reading (reader on, nothing held),
-    held (unsent bytes in ``pending``, writer on, reader off, back to reading once they have
-    gone), done (the source's EOF was read, which only happens while nothing is held, and
-    ``dst`` is shut down for writing: nothing is written to it again).
+    held (``pending`` set, writer on, reader off: the unsent rest of a read, back to reading
+    once it has gone), and after the source's EOF, which is only read while nothing is held:
+    done (the FIN passed on; nothing is written to ``dst`` again). If ``dst`` may still be
+    connecting when the EOF comes, the FIN is held (``pending`` empty) until the writer says
+    the connect has finished: a shutdown during the handshake would abort it.
     """
 
     __slots__ = (
         "done",
         "dst",
         "dst_fd",
+        "eof",
         "loop",
         "pending",
         "reading",
+        "ready",
         "session",
         "src",
         "src_fd",
@@ -70,7 +76,10 @@ class Direction:
         loop: asyncio.AbstractEventLoop,
         src: socket.socket,
         dst: socket.socket,
+        *,
+        ready: bool,
     ) -> None:
+        """``ready``: ``dst`` is known to be connected (else it may still be connecting)."""
         self.session = session
         self.loop = loop
         self.src = src
@@ -78,12 +87,19 @@ class Direction:
         self.dst = dst
         self.dst_fd = dst.fileno()
         self.pending: bytes | None = None
+        self.ready = ready
         self.reading = False
+        self.eof = False
         self.done = False
 
     def start(self) -> None:
         self.reading = True
         self.loop.add_reader(self.src_fd, self.readable)
+
+    def hold(self, rest: bytes) -> None:
+        """Keep ``rest`` (maybe empty: the FIN alone) until ``dst`` takes it."""
+        self.pending = rest
+        self.loop.add_writer(self.dst_fd, self.writable)
 
     def readable(self) -> None:
         """Called by the loop when ``src`` has bytes or its EOF (reader on, nothing held)."""
@@ -97,48 +113,65 @@ class Direction:
         if count == 0:
             self.reading = False
             self.loop.remove_reader(self.src_fd)
-            self.finish()
+            self.eof = True
+            if self.ready:
+                self.finish()
+            else:
+                self.hold(b"")
             return
         try:
             sent = self.dst.send(_view[:count])
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError):  # full, or still connecting
             sent = 0
         except OSError:
             self.session.close()
             return
         if sent < count:
-            self.pending = bytes(_view[sent:count])
             self.reading = False
             self.loop.remove_reader(self.src_fd)
-            self.loop.add_writer(self.dst_fd, self.writable)
+            self.hold(bytes(_view[sent:count]))
+        else:
+            self.ready = True
 
     def writable(self) -> None:
-        """Called by the loop when ``dst`` takes bytes again (writer on, bytes held)."""
+        """Called by the loop when ``dst`` takes bytes again, or its connect has finished
+        (writer on, ``pending`` set)."""
+        self.ready = True  # if the connect failed, the send or the shutdown below says so
         pending = self.pending
         assert pending is not None
-        try:
-            sent = self.dst.send(pending)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.session.close()
-            return
-        if sent < len(pending):
-            self.pending = pending[sent:]
-            return
+        if pending:
+            try:
+                sent = self.dst.send(pending)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.session.close()
+                return
+            if sent < len(pending):
+                self.pending = pending[sent:]
+                return
         self.pending = None
         self.loop.remove_writer(self.dst_fd)
-        self.start()
+        if self.eof:
+            self.finish()
+        else:
+            self.start()
 
     def finish(self) -> None:
-        """Pass the source's EOF on (read while nothing was held for ``dst``)."""
+        """Pass the source's EOF on (nothing is held for ``dst`` any more)."""
+        session = self.session
+        other = session.down if self is session.up else session.up
+        if other.done:
+            # Both ways are over: closing passes this FIN on too (nothing is left unread
+            # on either socket), one system call fewer than a shutdown first.
+            session.close()
+            return
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError:
-            self.session.close()
+            session.close()
             return
         self.done = True
-        self.session.direction_done()
 
     def stop(self) -> None:
         """Remove this direction's callbacks (before the sockets close)."""
@@ -153,7 +186,7 @@ class Direction:
 class Session:
     """A client, its server socket and the two directions between them."""
 
-    __slots__ = ("client", "closed", "connecting", "down", "loop", "server", "up")
+    __slots__ = ("client", "closed", "down", "server", "up")
 
     def __init__(
         self,
@@ -162,50 +195,31 @@ class Session:
         server: socket.socket,
         backend: tuple[str, int],
     ) -> None:
-        """Start connecting ``server`` (non-blocking, not yet connected) to ``backend``."""
-        self.loop = loop
+        """Connect ``server`` (non-blocking, not yet connected) to ``backend`` and relay.
+
+        Both directions start at once, without a writer waiting for the connect: on
+        loopback the handshake is all but done by the time the client's first bytes are
+        read, and if it is not, their send fails with EAGAIN and they are held like the
+        rest of any partial send until the writer sees the connect finish. A failed connect
+        shows as an error on the server socket's next recv, send or shutdown.
+        """
         self.client = client
         self.server = server
         self.closed = False
-        self.connecting = False
-        self.up = Direction(self, loop, client, self.server)
-        self.down = Direction(self, loop, self.server, client)
-        # The client is not read before the server is connected: what it sends meanwhile
-        # (its FIN too) waits in the kernel, so nothing needs holding here.
-        code = self.server.connect_ex(backend)
-        if code == 0:
-            self.start()
-        elif code == errno.EINPROGRESS:
-            self.connecting = True
-            loop.add_writer(self.server.fileno(), self.connected)
-        else:
-            self.close()
-
-    def connected(self) -> None:
-        """Called by the loop when the server socket's connect has finished, well or not."""
-        self.connecting = False
-        self.loop.remove_writer(self.server.fileno())
-        if self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+        code = server.connect_ex(backend)
+        self.up = Direction(self, loop, client, server, ready=code == 0)
+        self.down = Direction(self, loop, server, client, ready=True)
+        if code not in (0, errno.EINPROGRESS):
             self.close()
             return
-        self.start()
-
-    def start(self) -> None:
         self.down.start()
         self.up.start()
-
-    def direction_done(self) -> None:
-        if self.up.done and self.down.done:
-            self.close()
 
     def close(self) -> None:
         """Remove every callback, then close both sockets; once, on any path."""
         if self.closed:
             return
         self.closed = True
-        if self.connecting:
-            self.connecting = False
-            self.loop.remove_writer(self.server.fileno())
         self.up.stop()
         self.down.stop()
         self.client.close()
