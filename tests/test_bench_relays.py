@@ -160,6 +160,68 @@ def test_a_fin_right_after_the_connect_is_passed_on(
     _stopped_cleanly(relay)
 
 
+def _syn_sent_to(port: int) -> bool:
+    """A connect to 127.0.0.1:``port`` waits in its handshake (SYN_SENT in /proc/net/tcp)."""
+    remote = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[2] == remote and fields[3] == "02":
+            return True
+    return False
+
+
+@pytest.mark.parametrize("payload", [b"", b"hello"])
+@pytest.mark.parametrize("script", RELAYS)
+def test_bytes_and_fin_wait_for_a_slow_connect(
+    script: str, payload: bytes, start_relay: StartRelay
+) -> None:
+    """The client sends and half-closes while the relay's connect is still in its handshake
+    (the server's accept queue is full, so the relay's SYN waits for its retransmit, 1 s
+    later): the bytes, then the FIN, reach the server once it has room, and the server's
+    answer comes back. A shutdown during the handshake would abort the connect instead."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    listener.settimeout(DEADLINE)
+    fillers: list[socket.socket] = []
+    while True:  # fill the accept queue until a connect no longer completes
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+        fillers.append(filler)
+        _, writable, _ = select.select([], [filler], [], 0.2)
+        if not writable or len(fillers) > 16:
+            break
+    assert 1 < len(fillers) <= 16, "could not fill the accept queue"
+    fillers.pop().close()  # the one still in its handshake: it would take the room later
+    port = listener.getsockname()[1]
+    relay = start_relay(script, port)
+    with socket.create_connection(relay.address, timeout=DEADLINE) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        # The relay reads these at once, long before its SYN's retransmit (1 s).
+        wait_until(lambda: _syn_sent_to(port), DEADLINE, "the relay's connect in its handshake")
+        for filler in fillers:
+            accepted, _ = listener.accept()
+            accepted.close()
+            filler.close()
+        server, _ = listener.accept()  # the relay's connection, after its SYN's retransmit
+        with server:
+            server.settimeout(DEADLINE)
+            received = b""
+            while chunk := server.recv(65536):
+                received += chunk
+            assert received == payload
+            server.sendall(b"answer")
+        reply = b""
+        while chunk := client.recv(65536):
+            reply += chunk
+        assert reply == b"answer"
+    listener.close()
+    relay.wait_sessions_closed()
+    _stopped_cleanly(relay)
+
+
 @pytest.mark.parametrize("script", RELAYS)
 def test_clients_that_leave_mid_stream_do_not_stop_the_relay(
     script: str, backends: Backends, start_relay: StartRelay
