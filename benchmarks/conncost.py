@@ -22,10 +22,11 @@ and nothing else, the floor lbtcp cannot go under without leaving uvloop. ``raw`
 ``benchmarks/raw_relay.py``: the same on the same uvloop loop without transports (non-blocking
 sockets driven with add_reader/add_writer, with flow control), the floor under the transports
 themselves. Neither holds session state worth a memory figure, so ``idle_mem`` skips both.
-``--before CMD`` adds another
-lbtcp command (an older checkout) as ``lbtcp-before``. Every round runs each proxy in turn, so
-drift in the machine's load hits them alike. Writes ``results/conncost.md`` and ``.json``.
-It reuses run.py's process handling and proxy configs; it never installs anything.
+
+``--before CMD`` adds another lbtcp command (an older checkout) as ``lbtcp-before``. Every
+round runs each proxy in turn, so drift in the machine's load hits them alike. Writes
+``results/conncost.md`` and ``.json``. It reuses run.py's process handling and proxy configs;
+it never installs anything.
 """
 
 from __future__ import annotations
