@@ -3,10 +3,10 @@
     python benchmarks/bare_relay.py LISTEN_PORT BACKEND_PORT
 
 Accept, one task that connects to 127.0.0.1:BACKEND_PORT, relay both ways with half-close,
-close: no pool, no health, no counters, no timeouts, no logs. lbtcp does all of that on the
-same loop, so the connections per CPU-second of this relay (``benchmarks/conncost.py``
-measures it beside lbtcp, HAProxy and nginx) bound what lbtcp can reach without leaving
-uvloop. It is a measuring stick, not a proxy: it ignores flow control.
+close once both ways have ended: no pool, no health, no counters, no timeouts, no logs.
+lbtcp does all of that on the same loop, so the connections per CPU-second of this relay
+(``benchmarks/conncost.py`` measures it beside lbtcp, HAProxy and nginx) bound what lbtcp can
+reach without leaving uvloop. It is a measuring stick, not a proxy: it ignores flow control.
 
 Prints ``bare relay listening on 127.0.0.1:PORT`` to stderr once listening.
 """
@@ -37,6 +37,7 @@ class Upstream(asyncio.Protocol):
         if not self.shut and not transport.is_closing():
             self.shut = True
             transport.write_eof()
+            self.client.close_if_done()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -47,6 +48,7 @@ class Client(asyncio.Protocol):
     def __init__(self, backend: int) -> None:
         self.backend = backend
         self.upstream: asyncio.Transport | None = None
+        self.upstream_protocol: Upstream | None = None
         self.held: list[bytes] = []
         self.eof = False  # the client's FIN came (held until connected, then passed on)
 
@@ -57,7 +59,7 @@ class Client(asyncio.Protocol):
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            upstream, _ = await loop.create_connection(
+            upstream, self.upstream_protocol = await loop.create_connection(
                 lambda: Upstream(self), "127.0.0.1", self.backend
             )
         except OSError:
@@ -87,7 +89,22 @@ class Client(asyncio.Protocol):
         self.eof = True
         if self.upstream is not None and not self.upstream.is_closing():
             self.upstream.write_eof()
+            self.close_if_done()
         return True
+
+    def close_if_done(self) -> None:
+        """Close both sides once each has passed its EOF on.
+
+        Nothing else would: with both EOFs in, neither transport reads or writes any more,
+        and the pair lives on until the garbage collector frees it. uvloop 0.23 then frees
+        an open transport whose write_eof() shutdown request is still pending, and the
+        request's callback later runs on freed memory (glibc "double free or corruption",
+        SIGABRT, seen here under wrk's Connection: close load).
+        """
+        protocol = self.upstream_protocol
+        if self.eof and protocol is not None and protocol.shut and self.upstream is not None:
+            self.transport.close()
+            self.upstream.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.upstream is not None:

@@ -1,7 +1,7 @@
-"""What each connection costs: lbtcp vs HAProxy vs nginx vs a bare uvloop relay (issue 12).
+"""What each connection costs: lbtcp vs HAProxy vs nginx vs bare uvloop relays (issue 12).
 
     .venv/bin/python benchmarks/conncost.py [--rounds 5] [--scenarios conn,syscalls,idle_mem,c2000]
-        [--proxies lbtcp,haproxy,nginx,bare] [--before CMD] [--out DIR]
+        [--proxies lbtcp,haproxy,nginx,bare,raw] [--before CMD] [--out DIR]
 
 Figures that a shared, noisy machine disturbs least, each with the load average at the time:
 
@@ -12,14 +12,21 @@ Figures that a shared, noisy machine disturbs least, each with the load average 
   session (per accept4), by call. strace slows the proxy; the counts per session stay exact.
 - ``idle_mem``: a fresh proxy, N sessions opened and proven spliced by a one-byte echo, left
   idle: proxy RSS growth / N.
-- ``c2000``: wrk ``-t1 -c2000 --timeout 2s`` kept-open requests for 6 s after a 1 s warm-up
-  run: requests/s, p99, wrk timeouts and errors, every round.
+- ``c2000``: wrk ``-t1 -c2000 --timeout 2s --latency`` kept-open requests for 6 s after a 1 s
+  warm-up run: requests/s, p50, p90 and p99, wrk timeouts and errors, and the proxy's user and
+  system CPU-seconds over the 6 s divided by the requests completed (CPU microseconds per
+  request), every round.
 
-``bare`` is ``benchmarks/bare_relay.py``: accept, connect, relay, close on uvloop and nothing
-else, the floor lbtcp cannot go under without leaving uvloop. ``--before CMD`` adds another
-lbtcp command (an older checkout) as ``lbtcp-before``. Every round runs each proxy in turn, so
-drift in the machine's load hits them alike. Writes ``results/conncost.md`` and ``.json``.
-It reuses run.py's process handling and proxy configs; it never installs anything.
+``bare`` is ``benchmarks/bare_relay.py``: accept, connect, relay, close on uvloop's transports
+and nothing else, the floor lbtcp cannot go under without leaving uvloop. ``raw`` is
+``benchmarks/raw_relay.py``: the same on the same uvloop loop without transports (non-blocking
+sockets driven with add_reader/add_writer, with flow control), the floor under the transports
+themselves. Neither holds session state worth a memory figure, so ``idle_mem`` skips both.
+
+``--before CMD`` adds another lbtcp command (an older checkout) as ``lbtcp-before``. Every
+round runs each proxy in turn, so drift in the machine's load hits them alike. Writes
+``results/conncost.md`` and ``.json``. It reuses run.py's process handling and proxy configs;
+it never installs anything.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class BareProxy(run.Proxy):
     label = "bare uvloop relay"
     binary = sys.executable
     package = "uvloop"
+    script = "bare_relay.py"
 
     def __init__(self, workdir: Path, nofile: int) -> None:
         super().__init__(workdir, nofile)
@@ -63,7 +71,7 @@ class BareProxy(run.Proxy):
         (kind, port), *_ = self.ports.items()
         self._argv = [
             sys.executable,
-            str(HERE / "bare_relay.py"),
+            str(HERE / self.script),
             str(port),
             str(backends.ports[kind]),
         ]
@@ -76,6 +84,14 @@ class BareProxy(run.Proxy):
         return "uvloop " + run.pkg_version("uvloop")
 
 
+class RawProxy(BareProxy):
+    """benchmarks/raw_relay.py: the floor under uvloop's transports."""
+
+    name = "raw"
+    label = "raw-socket relay, no transports"
+    script = "raw_relay.py"
+
+
 class Backends:
     """What run.Proxy.config reads: the backend port per kind."""
 
@@ -83,9 +99,27 @@ class Backends:
         self.ports = ports
 
 
-def proc_cpu_seconds(pid: int) -> float:
+def proc_cpu_times(pid: int) -> tuple[float, float]:
+    """The process's user and system CPU-seconds (utime, stime of /proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    return sum(proc_cpu_times(pid))
+
+
+def wrk_percentile_ms(text: str, percent: int) -> float | None:
+    """One line of wrk --latency's distribution (50, 75, 90 or 99), in ms."""
+    found = re.search(rf"^\s*{percent}%\s+([\d.]+)(us|ms|s|m)\b", text, re.MULTILINE)
+    return None if found is None else float(found.group(1)) * run._WRK_UNITS[found.group(2)]
+
+
+def wrk_requests(text: str) -> int:
+    """The requests wrk completed ("N requests in ..."), 0 if it printed none."""
+    found = re.search(r"(\d+) requests in", text)
+    return int(found.group(1)) if found else 0
 
 
 def wrk(url: str, *args: str, load_cpu: int) -> str:
@@ -114,8 +148,7 @@ def conn_round(proxy: run.Proxy, pid: int, load_cpu: int, strace: bool) -> dict[
     cpu0 = proc_cpu_seconds(pid)
     text = wrk(url, "-c64", f"-d{CONN_SECONDS}s", "-H", "Connection: close", load_cpu=load_cpu)
     cpu1 = proc_cpu_seconds(pid)
-    found = re.search(r"(\d+) requests in", text)
-    requests = int(found.group(1)) if found else 0
+    requests = wrk_requests(text)
     parsed = run.parse_wrk(text)
     result: dict[str, Any] = {"load": load, "errors": parsed["errors"]}
     if tracer is None:
@@ -162,22 +195,35 @@ def idle_mem_round(proxy: run.Proxy, pid: int, count: int) -> dict[str, Any]:
     return {"load": os.getloadavg()[0], "bytes_per_session": (after - before) * 1024 / count}
 
 
-def c2000_round(proxy: run.Proxy, load_cpu: int) -> dict[str, Any]:
+def c2000_round(proxy: run.Proxy, pid: int, load_cpu: int) -> dict[str, Any]:
     port = proxy.ports["http"]
     url = f"http://127.0.0.1:{port}" + run.wrk_request_path(port, 64, close=False)
     wrk(url, "-c2000", "-d1s", "--timeout", "2s", load_cpu=load_cpu)  # warm-up
     load = os.getloadavg()[0]
+    user0, sys0 = proc_cpu_times(pid)
     text = wrk(
         url, "-c2000", f"-d{C2000_SECONDS}s", "--timeout", "2s", "--latency", load_cpu=load_cpu
     )
+    user1, sys1 = proc_cpu_times(pid)
     parsed = run.parse_wrk(text)
     timeouts = re.search(r"timeout (\d+)", text)
+    requests = wrk_requests(text)
+    # The 2,000 connections wrk opens at the start (and closes at the end) count in this CPU
+    # too: per request it is the cost of a kept-open request plus 2,000 connections' share.
+    user, system = user1 - user0, sys1 - sys0
     return {
         "load": load,
         "rate": parsed["rate"],
         "p99_ms": parsed["p99_ms"],
         "errors": parsed["errors"],
         "timeouts": int(timeouts.group(1)) if timeouts else 0,
+        "p50_ms": wrk_percentile_ms(text, 50),
+        "p90_ms": wrk_percentile_ms(text, 90),
+        "requests": requests,
+        "user_s": user,
+        "sys_s": system,
+        "user_us_per_req": user * 1e6 / requests if requests else None,
+        "sys_us_per_req": system * 1e6 / requests if requests else None,
     }
 
 
@@ -187,7 +233,7 @@ def median(rows: list[dict[str, Any]], key: str) -> float | None:
 
 
 def report(results: dict[str, dict[str, list[dict[str, Any]]]], info: dict[str, Any]) -> str:
-    lines = ["# Connection cost: lbtcp vs HAProxy vs nginx vs bare uvloop", ""]
+    lines = ["# Connection cost: lbtcp vs HAProxy vs nginx vs bare uvloop relays", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines.append("")
 
@@ -201,8 +247,8 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], info: dict[str, 
             "## New connections per proxy CPU-second (wrk Connection: close, 64 connections)",
             "",
             "| proxy | conn/s | conn per CPU-s (median) | vs HAProxy | rounds | wrk errors "
-            "| load avg |",
-            "| --- | ---: | ---: | ---: | --- | --- | --- |",
+            "| load avg | conn/s rounds |",
+            "| --- | ---: | ---: | ---: | --- | --- | --- | --- |",
         ]
         ref = median(haproxy.get("conn", []), "conn_per_cpu_s")
         for name in names:
@@ -214,9 +260,10 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], info: dict[str, 
             each = ", ".join(fmt(r["conn_per_cpu_s"]) for r in rows)
             loads = ", ".join(f"{r['load']:.1f}" for r in rows)
             errors = ", ".join(str(r["errors"]) for r in rows)
+            rates = ", ".join(fmt(r["conn_per_s"]) for r in rows)
             lines.append(
                 f"| {name} | {fmt(median(rows, 'conn_per_s'))} | {fmt(mid)} | {ratio} "
-                f"| {each} | {errors} | {loads} |"
+                f"| {each} | {errors} | {loads} | {rates} |"
             )
         lines.append("")
     if any("syscalls" in r for r in results.values()):
@@ -255,8 +302,9 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], info: dict[str, 
         lines += [
             "## 2,000 kept-open connections (wrk -c2000 --timeout 2s, 6 s after a 1 s warm-up)",
             "",
-            "| round | proxy | req/s | p99 ms | wrk timeouts | errors | load avg |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+            "| round | proxy | req/s | p50 ms | p90 ms | p99 ms | wrk timeouts | errors "
+            "| requests | proxy CPU µs/req user | sys | load avg |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         rounds = max(len(r.get("c2000", [])) for r in results.values())
         for index in range(rounds):
@@ -265,9 +313,35 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], info: dict[str, 
                 if index < len(rows):
                     r = rows[index]
                     lines.append(
-                        f"| {index + 1} | {name} | {fmt(r['rate'])} | {fmt(r['p99_ms'], 1)} "
-                        f"| {r['timeouts']} | {r['errors']} | {r['load']:.1f} |"
+                        f"| {index + 1} | {name} | {fmt(r['rate'])} "
+                        f"| {fmt(r.get('p50_ms'), 1)} | {fmt(r.get('p90_ms'), 1)} "
+                        f"| {fmt(r['p99_ms'], 1)} | {r['timeouts']} | {r['errors']} "
+                        f"| {fmt(r.get('requests'))} | {fmt(r.get('user_us_per_req'), 1)} "
+                        f"| {fmt(r.get('sys_us_per_req'), 1)} | {r['load']:.1f} |"
                     )
+        lines += ["", "Medians over the rounds:", ""]
+        lines += [
+            "| proxy | req/s | p50 ms | p90 ms | p99 ms | proxy CPU µs/req user | sys "
+            "| user + sys |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name in names:
+            rows = results[name].get("c2000", [])
+            if not rows:
+                continue
+            user = median(rows, "user_us_per_req")
+            system = median(rows, "sys_us_per_req")
+            totals = [
+                r["user_us_per_req"] + r["sys_us_per_req"]
+                for r in rows
+                if r.get("user_us_per_req") is not None
+            ]
+            both = statistics.median(totals) if totals else None
+            lines.append(
+                f"| {name} | {fmt(median(rows, 'rate'))} | {fmt(median(rows, 'p50_ms'), 1)} "
+                f"| {fmt(median(rows, 'p90_ms'), 1)} | {fmt(median(rows, 'p99_ms'), 1)} "
+                f"| {fmt(user, 1)} | {fmt(system, 1)} | {fmt(both, 1)} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -276,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scenarios", default="conn,syscalls,idle_mem,c2000")
-    parser.add_argument("--proxies", default="lbtcp,haproxy,nginx,bare")
+    parser.add_argument("--proxies", default="lbtcp,haproxy,nginx,bare,raw")
     parser.add_argument("--before", help="another lbtcp command, shown as lbtcp-before")
     parser.add_argument("--idle-sessions", type=int, default=5000)
     parser.add_argument("--proxy-cpu", type=int, default=0)
@@ -296,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "haproxy": run.HaproxyProxy(workdir, nofile),
         "nginx": run.NginxProxy(workdir, nofile),
         "bare": BareProxy(workdir, nofile),
+        "raw": RawProxy(workdir, nofile),
     }
     if args.before:
         before = run.LbtcpProxy(workdir, nofile, args.before)
@@ -324,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             for index in range(rounds):
                 for name in names:
                     proxy = every[name]
-                    if scenario == "idle_mem" and name == "bare":
-                        continue  # the bare relay holds no session state worth comparing
+                    if scenario == "idle_mem" and name in ("bare", "raw"):
+                        continue  # the bare relays hold no session state worth comparing
                     pid = started(proxy, children, ports, args.proxy_cpu)
                     try:
                         if scenario == "conn":
@@ -335,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                         elif scenario == "idle_mem":
                             row = idle_mem_round(proxy, pid, args.idle_sessions)
                         else:
-                            row = c2000_round(proxy, args.load_cpu)
+                            row = c2000_round(proxy, pid, args.load_cpu)
                     finally:
                         proxy.stop()
                     results[name].setdefault(scenario, []).append(row)
