@@ -1,6 +1,7 @@
 """What each connection costs: lbtcp vs HAProxy vs nginx vs bare uvloop relays (issue 12).
 
-    .venv/bin/python benchmarks/conncost.py [--rounds 5] [--scenarios conn,syscalls,idle_mem,c2000]
+    .venv/bin/python benchmarks/conncost.py [--rounds 5]
+        [--scenarios conn,syscalls,idle_mem,c2000,insn]
         [--proxies lbtcp,haproxy,nginx,bare,raw] [--before CMD] [--out DIR]
 
 Figures that a shared, noisy machine disturbs least, each with the load average at the time:
@@ -12,6 +13,9 @@ Figures that a shared, noisy machine disturbs least, each with the load average 
   session (per accept4), by call. strace slows the proxy; the counts per session stay exact.
 - ``idle_mem``: a fresh proxy, N sessions opened and proven spliced by a one-byte echo, left
   idle: proxy RSS growth / N.
+- ``insn`` (not in the default list: valgrind is slow): each lbtcp command under callgrind,
+  200 sequential 64-byte echo connections after 200 of warm-up: user-space instructions per
+  connection, a count the machine's load does not move.
 - ``c2000``: wrk ``-t1 -c2000 --timeout 2s --latency`` kept-open requests for 6 s after a 1 s
   warm-up run: requests/s, p50, p90 and p99, wrk timeouts and errors, and the proxy's user and
   system CPU-seconds over the 6 s divided by the requests completed (CPU microseconds per
@@ -23,8 +27,11 @@ and nothing else, the floor lbtcp cannot go under without leaving uvloop. ``raw`
 sockets driven with add_reader/add_writer, with flow control), the floor under the transports
 themselves. Neither holds session state worth a memory figure, so ``idle_mem`` skips both.
 
-``--before CMD`` adds another lbtcp command (an older checkout) as ``lbtcp-before``. Every
-round runs each proxy in turn, so drift in the machine's load hits them alike. Writes
+``--before CMD`` adds another lbtcp command (an older checkout) as ``lbtcp-before``: its own
+venv's ``lbtcp``, or a script running ``python -P -m lbtcp`` with PYTHONPATH set to it
+(without ``-P``, ``python -m`` started from this repository imports the working tree's lbtcp,
+not the older one). Every round runs each proxy in turn, so drift in the machine's load hits
+them alike. Writes
 ``results/conncost.md`` and ``.json``. It reuses run.py's process handling and proxy configs;
 it never installs anything.
 """
@@ -227,6 +234,80 @@ def c2000_round(proxy: run.Proxy, pid: int, load_cpu: int) -> dict[str, Any]:
     }
 
 
+def _sequential_echoes(port: int, count: int) -> None:
+    """``count`` connections one after another: 64 bytes each way, then close."""
+    payload = b"x" * 64
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                chunk = sock.recv(len(payload) - len(got))
+                assert chunk, "the echo closed early"
+                got += chunk
+
+
+def insn_count(command: str, echo_port: int, workdir: Path, count: int) -> dict[str, Any]:
+    """User-space instructions an lbtcp ``command`` executes per connection: ``serve`` under
+    callgrind, ``count`` warm-up connections, counters zeroed, ``count`` more, dumped. The
+    machine's load does not move this count, so it shows what a change to the connection
+    path saves where CPU seconds on a shared machine cannot (the kernel's share is not in
+    it: see the perf split in README "Per connection")."""
+    port = run.free_port()
+    config = workdir / f"insn-{port}.toml"
+    config.write_text(
+        "[global]\naccess_log = false\n[listeners.web]\n"
+        f'bind = "127.0.0.1:{port}"\npool = "app"\n[pools.app]\n'
+        f'[[pools.app.servers]]\naddress = "127.0.0.1:{echo_port}"\n'
+    )
+    out = workdir / f"callgrind-{port}.out"
+    proxy = subprocess.Popen(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--trace-children=yes",  # COMMAND may be a script that execs Python
+            f"--callgrind-out-file={out}",
+            command,
+            "serve",
+            str(config),
+        ],
+        env=dict(os.environ, PYTHONMALLOC="malloc"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180  # valgrind starts Python slowly
+        while True:
+            assert proxy.poll() is None, f"{command} serve exited under valgrind"
+            assert time.monotonic() < deadline, f"{command} did not listen under valgrind"
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        _sequential_echoes(port, count)
+        control = ["callgrind_control", str(proxy.pid)]
+        subprocess.run([*control, "--zero"], check=True, capture_output=True, timeout=120)
+        _sequential_echoes(port, count)
+        subprocess.run([*control, "--dump"], check=True, capture_output=True, timeout=120)
+        dumps = sorted(workdir.glob(f"{out.name}*"), key=lambda path: path.stat().st_mtime)
+        assert dumps, "callgrind wrote no dump"
+        totals = re.search(r"^(?:totals|summary):\s*(\d+)", dumps[-1].read_text(), re.M)
+        assert totals, "no totals line in the callgrind dump"
+        return {
+            "load": os.getloadavg()[0],
+            "connections": count,
+            "instructions_per_connection": int(totals.group(1)) / count,
+        }
+    finally:
+        proxy.terminate()
+        try:
+            proxy.wait(60)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
+
+
 def median(rows: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -298,6 +379,19 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], info: dict[str, 
             loads = ", ".join(f"{r['load']:.1f}" for r in rows)
             lines.append(f"| {name} | {fmt(mid)} | {ratio} | {each} | {loads} |")
         lines.append("")
+    if any("insn" in r for r in results.values()):
+        lines += [
+            "## User-space instructions per connection (callgrind, lbtcp only)",
+            "",
+            "| proxy | instructions per connection | connections counted |",
+            "| --- | ---: | ---: |",
+        ]
+        for name in names:
+            for r in results[name].get("insn", []):
+                lines.append(
+                    f"| {name} | {fmt(r['instructions_per_connection'])} | {r['connections']} |"
+                )
+        lines.append("")
     if any("c2000" in r for r in results.values()):
         lines += [
             "## 2,000 kept-open connections (wrk -c2000 --timeout 2s, 6 s after a 1 s warm-up)",
@@ -353,11 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxies", default="lbtcp,haproxy,nginx,bare,raw")
     parser.add_argument("--before", help="another lbtcp command, shown as lbtcp-before")
     parser.add_argument("--idle-sessions", type=int, default=5000)
+    parser.add_argument("--insn-connections", type=int, default=200)
     parser.add_argument("--proxy-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
-    for tool in ("wrk", "taskset") + (("strace",) if "syscalls" in args.scenarios else ()):
+    tools = ("wrk", "taskset") + (("strace",) if "syscalls" in args.scenarios else ())
+    tools += ("valgrind", "callgrind_control") if "insn" in args.scenarios else ()
+    for tool in tools:
         if shutil.which(tool) is None:
             print(f"conncost: {tool} not found (benchmarks/install-tools)", file=sys.stderr)
             return 2
@@ -394,6 +491,14 @@ def main(argv: list[str] | None = None) -> int:
         echod = children.spawn("echo", [lbtcp, "echo", str(echo)], cpu=args.load_cpu)
         echod.wait_for_text("listening")
         for scenario in scenarios:
+            if scenario == "insn":  # once per lbtcp command: the count does not vary
+                for name in names:
+                    if name.startswith("lbtcp"):
+                        command = every[name].binary
+                        row = insn_count(command, echo, workdir, args.insn_connections)
+                        results[name].setdefault("insn", []).append(row)
+                        print(f"insn {name}: {row}", flush=True)
+                continue
             ports = {"echo": echo} if scenario == "idle_mem" else {"http": http}
             rounds = 1 if scenario == "syscalls" else args.rounds
             for index in range(rounds):
