@@ -190,22 +190,24 @@ class Connecting:
         if waiter is not None:
             waiter.cancel()  # the coroutine resumes with CancelledError: see _step
 
-    def _stop_attempt(self) -> None:
-        """End the attempt in flight: its timer, its half-made connection, its coroutine."""
+    def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _stop_attempt(self) -> None:
+        """End the attempt in flight: its timer, its half-made connection, its coroutine."""
+        self._cancel_timer()
         if self.protocol is not None:
             self.protocol.discard()
+            self.protocol = None
         waiter = self.waiter
         if waiter is not None:
             waiter.cancel()
 
     def connected(self, transport: asyncio.Transport) -> None:
         """Called by the attempt's protocol from ``connection_made``: the server is up."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._cancel_timer()
         session = self.session
         pool = self.pool
         server = self.server
@@ -235,12 +237,7 @@ class Connecting:
 
     def _failed(self, kind: str) -> None:
         """Report the failed attempt, then try another server while the budget allows."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.protocol is not None:
-            self.protocol.discard()
-            self.protocol = None
+        self._stop_attempt()  # the coroutine has ended: only the timer and protocol are left
         pool = self.pool
         self.owner.report_connect(pool, self.server, False, kind)
         session = self.session
